@@ -1,0 +1,176 @@
+"""The ``domaintune`` command. Thin: parse, call the Python API, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from domaintune import __version__, catalog
+from domaintune.errors import DomaintuneError
+
+app = typer.Typer(
+    help="Turn a general foundation model into a domain specialist: fine-tune on your data and prove it beats the base.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="The catalog of packaged base models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+QUICKSTART_RECIPES = ("support-intents", "clinical-triage")
+
+
+def _fail(exc: DomaintuneError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"domaintune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """domaintune: fine-tune, evaluate against the base, record how it was made."""
+
+
+def _result_table(result) -> Table:
+    from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
+
+    table = Table(title=f"{result.task}: base vs tuned on {result.eval_rows} held-out rows")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    table.add_column("change", justify="right")
+    for name, b, t in headline(result.task, result.base, result.tuned):
+        better = (t < b) if name in LOWER_IS_BETTER else (t > b)
+        colour = "green" if better else "red"
+        table.add_row(name, f"{b:.4f}", f"{t:.4f}", f"[{colour}]{t - b:+.4f}[/]")
+    return table
+
+
+def _run_and_print(recipe: Path, overrides: dict, output_dir: Optional[Path], as_json: bool, quiet: bool):
+    from domaintune.pipeline import run as run_recipe
+
+    progress = Console(stderr=True, quiet=quiet or as_json)
+    try:
+        result = run_recipe(recipe, overrides=overrides, output_dir=output_dir, console=progress)
+    except DomaintuneError as exc:
+        _fail(exc)
+    if not as_json:
+        out.print(_result_table(result))
+        out.print(f"report: {result.run_dir / 'report.html'}")
+        out.print(str(result.run_dir))
+    return result
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.epochs=1 (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where run directories go (default: the recipe's output_dir).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (run_dir, base, tuned, ...) and nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Run a recipe end to end: data, base evaluation, fine-tuning, tuned evaluation, run directory.
+
+    Ends by printing the run directory (or, with --json, a JSON object with run_dir, base and tuned).
+    """
+    from domaintune.recipe import parse_override
+
+    try:
+        overrides = dict(parse_override(item) for item in (set_ or []))
+    except DomaintuneError as exc:
+        _fail(exc)
+    result = _run_and_print(recipe, overrides, output_dir, as_json, quiet)
+    if as_json:
+        print(json.dumps(result.summary()))
+
+
+def example_recipe(name: str) -> Path:
+    """An example recipe shipped with domaintune (in the wheel, or in a source checkout)."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "examples", here.parents[1] / "recipes"):
+        candidate = root / name / "recipe.yaml"
+        if candidate.is_file():
+            return candidate
+    raise DomaintuneError(f"example recipe {name!r} not found in this installation")
+
+
+@app.command()
+def quickstart(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where run directories go.")] = Path("runs"),
+    only: Annotated[Optional[str], typer.Option(help=f"Run one example only: {' or '.join(QUICKSTART_RECIPES)}.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of run summaries.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Fine-tune the packaged models on the shipped example data and compare with the base:
+    support-ticket intents on minilm-l6, then clinical-note triage on smollm2-135m-instruct."""
+    names = QUICKSTART_RECIPES if only is None else (only,)
+    if only is not None and only not in QUICKSTART_RECIPES:
+        _fail(DomaintuneError(f"unknown example {only!r}", hint=f"use one of {', '.join(QUICKSTART_RECIPES)}"))
+    summaries = []
+    for name in names:
+        try:
+            recipe = example_recipe(name)
+        except DomaintuneError as exc:
+            _fail(exc)
+        if not as_json:
+            out.rule(f"{name}  ({recipe})")
+        summaries.append(_run_and_print(recipe, {}, output_dir, as_json, quiet).summary())
+    if as_json:
+        print(json.dumps(summaries))
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the catalog (also: `domaintune models pull NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    table = Table(title="base models")
+    for column in ("name", "kind", "here", "package", "description"):
+        table.add_column(column)
+    for entry in catalog.CATALOG.values():
+        here = "[green]yes[/]" if catalog.is_available(entry.name) else "[yellow]no: domaintune models pull[/]"
+        table.add_row(entry.name, entry.kind, here, f"{entry.package}=={entry.version}", entry.description)
+    out.print(table)
+    out.print("A recipe's base_model may also be a local Hugging Face model folder or a .gguf file.")
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Catalog names.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Pull every catalog model.")] = False,
+) -> None:
+    """Fetch catalog models (the package's weights only, none of its dependencies) and prepare
+    them for fast offline loading in the cache ($DOMAINTUNE_HOME, default ~/.cache/domaintune)."""
+    chosen = list(catalog.CATALOG) if all_ else list(names or [])
+    if not chosen:
+        _fail(DomaintuneError("name a model to pull", hint=f"e.g. `domaintune models pull {next(iter(catalog.CATALOG))}` or --all"))
+    from domaintune.pipeline import quiet_libraries
+
+    quiet_libraries()
+    for name in chosen:
+        try:
+            with err.status(f"pulling {name}"):
+                model = catalog.pull(name)
+        except DomaintuneError as exc:
+            _fail(exc)
+        out.print(f"{name}: ready at {model.path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,141 @@
+"""Turn raw rows into the examples each task trains on, checking every row.
+
+Plain data out: classification gives ``TextExample``s, sft gives ``ChatExample``s (OpenAI chat
+messages whatever the input shape), pretrain gives ``TextExample``s without labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from domaintune.data.readers import Row
+from domaintune.errors import DataError
+
+ROLES = {"system", "user", "assistant"}
+SFT_SHAPES = (
+    '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}',
+    '{"prompt": ..., "completion": ...}',
+    '{"instruction": ..., "input": ... (optional), "output": ...}',
+)
+
+
+@dataclass
+class TextExample:
+    text: str
+    label: str | None = None
+    where: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChatExample:
+    messages: list[dict[str, str]]
+    where: str = ""
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Everything before the final answer: what a model is shown at evaluation."""
+        return self.messages[:-1]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def _require_columns(rows: list[Row], columns: list[str], recipe_keys: dict[str, str]) -> None:
+    present = set(rows[0].fields)
+    for column in columns:
+        if column not in present:
+            key = recipe_keys.get(column)
+            hint = f"set data.{key} to one of the columns" if key else "add the column"
+            raise DataError(
+                f"no column {column!r}; the columns are: {', '.join(map(str, rows[0].fields))}",
+                where=rows[0].where.rsplit(":", 1)[0],
+                hint=hint,
+            )
+
+
+def _string(value: Any, row: Row, name: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        raise DataError(f"field {name!r} is empty", where=row.where, hint="fill it in or remove the row")
+    if isinstance(value, (dict, list)):
+        raise DataError(f"field {name!r} should be text, got {type(value).__name__}", where=row.where)
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"field {name!r} is empty", where=row.where, hint="fill it in or remove the row")
+    return text
+
+
+def classification_examples(rows: list[Row], text_field: str, label_field: str) -> list[TextExample]:
+    _require_columns(rows, [text_field, label_field], {text_field: "text_field", label_field: "label_field"})
+    out = []
+    for row in rows:
+        if text_field not in row.fields or label_field not in row.fields:
+            missing = text_field if text_field not in row.fields else label_field
+            raise DataError(f"row has no field {missing!r}", where=row.where)
+        meta = {k: v for k, v in row.fields.items() if k not in (text_field, label_field)}
+        out.append(TextExample(
+            text=_string(row.fields[text_field], row, text_field),
+            label=_string(row.fields[label_field], row, label_field),
+            where=row.where,
+            meta=meta,
+        ))
+    return out
+
+
+def text_examples(rows: list[Row], text_field: str) -> list[TextExample]:
+    _require_columns(rows, [text_field], {text_field: "text_field"})
+    return [TextExample(text=_string(row.fields.get(text_field), row, text_field), where=row.where) for row in rows]
+
+
+def chat_examples(rows: list[Row], system_prompt: str | None = None) -> list[ChatExample]:
+    """Accept the three SFT row shapes and return chat messages ending with the assistant answer."""
+    out = []
+    for row in rows:
+        f = row.fields
+        if "messages" in f:
+            messages = _check_messages(f["messages"], row)
+        elif "prompt" in f and "completion" in f:
+            messages = [
+                {"role": "user", "content": _string(f["prompt"], row, "prompt")},
+                {"role": "assistant", "content": _string(f["completion"], row, "completion")},
+            ]
+        elif "instruction" in f and "output" in f:
+            instruction = _string(f["instruction"], row, "instruction")
+            extra = f.get("input")
+            user = f"{instruction}\n\n{str(extra).strip()}" if extra not in (None, "") and str(extra).strip() else instruction
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _string(f["output"], row, "output")},
+            ]
+        else:
+            raise DataError(
+                f"row has fields {sorted(f)} but an sft row needs one of: " + "; ".join(SFT_SHAPES),
+                where=row.where,
+            )
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        out.append(ChatExample(messages=messages, where=row.where))
+    return out
+
+
+def _check_messages(value: Any, row: Row) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError("'messages' must be a non-empty list of {role, content} objects", where=row.where)
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"messages[{i}] must be an object with 'role' and 'content'", where=row.where)
+        role = message["role"]
+        if role not in ROLES:
+            raise DataError(f"messages[{i}] has unknown role {role!r}; expected one of {sorted(ROLES)}", where=row.where)
+        if role == "system" and i != 0:
+            raise DataError(f"messages[{i}]: a system message may only come first", where=row.where)
+        messages.append({"role": role, "content": _string(message["content"], row, f"messages[{i}].content")})
+    if messages[-1]["role"] != "assistant":
+        raise DataError("the last message must be the assistant's answer", where=row.where,
+                        hint="end each conversation with {'role': 'assistant', 'content': ...}")
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError("the conversation has no user message", where=row.where)
+    return messages

@@ -1,0 +1,55 @@
+"""The model card written into every run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
+from domaintune.recipe import Recipe
+
+INTENDED = {
+    "classification": "Assigns one of the training labels to a text from the same domain and distribution as the training data.",
+    "sft": "Answers prompts of the kind seen in training, in the format of the training answers.",
+    "pretrain": "A base for further fine-tuning on text from the training domain; not an assistant on its own.",
+}
+
+
+def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> None:
+    rows = headline(spec.task, metrics["base"], metrics["tuned"])
+    table = "\n".join(
+        f"| {name} | {b:.4f} | {t:.4f} | {t - b:+.4f}{' (lower is better)' if name in LOWER_IS_BETTER else ''} |"
+        for name, b, t in rows
+    )
+    data_lines = "\n".join(f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"])
+    t = spec.training
+    method = f"LoRA (r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout})" if spec.method == "lora" else "full fine-tuning"
+    base_desc = metrics["base"].get("model", spec.base_model)
+    text = f"""# {spec.name}
+
+## Model details
+- Task: {spec.task}
+- Base model: `{spec.base_model}`
+- Method: {method}
+- Training: {t.epochs} epochs, learning rate {t.learning_rate}, batch size {t.batch_size}, max sequence length {t.max_seq_length}, seed {t.seed}
+- Made by domaintune {lineage['domaintune_version']} (run `{lineage['run_id']}`); the weights are in `adapter/`.
+
+## Intended use
+{INTENDED[spec.task]} It has not been evaluated outside the held-out rows below.
+
+## Training data
+{data_lines}
+- {metrics['train_rows']} training rows; {metrics['eval_rows']} held-out rows for evaluation.
+
+## Results against the base
+Base: {base_desc}. Both evaluated on the same {metrics['eval_rows']} held-out rows.
+
+| metric | base | tuned | change |
+|---|---|---|---|
+{table}
+
+## Limitations
+- Results hold for data like the held-out rows; they are point estimates on a small evaluation set, without confidence intervals yet.
+- The model may reproduce biases and errors in the training data; check its outputs before relying on them in decisions about people.
+- No personal-data redaction was applied to the training data in this run: do not train on data you may not process.
+"""
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,199 @@
+"""Causal language models: supervised fine-tuning on chats (loss on the answers only) and
+continued pretraining on raw text; greedy generation and perplexity for evaluation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from domaintune.data.examples import ChatExample
+from domaintune.errors import DataError
+from domaintune.train.batching import length_grouped_batches, pad_right
+from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
+
+IGNORE = -100
+
+# Used only when a tokenizer has no chat template of its own (plain base models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE outside the tokens the loss is taken on
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_chat(tokenizer, example: ChatExample, max_length: int) -> Tokenized:
+    """Token ids of the whole chat and labels that keep only the assistant turns (with their
+    end-of-turn token, so that the model learns to stop)."""
+    messages = example.messages
+    full = render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(before) or not full.startswith(through):
+            raise DataError(
+                "the chat template does not render this conversation turn by turn, so the answer tokens cannot be found",
+                where=example.where,
+            )
+        spans.append((len(before), len(through)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [
+        token if any(start <= lo < end for start, end in spans) else IGNORE
+        for token, (lo, _hi) in zip(ids, offsets)
+    ]
+    return Tokenized(ids[:max_length], labels[:max_length])
+
+
+def prompt_ids(tokenizer, example: ChatExample) -> list[int]:
+    text = render(tokenizer, example.prompt_messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pack_text(tokenizer, texts: list[str], block: int) -> list[Tokenized]:
+    """Continued pretraining: texts joined with EOS and cut into blocks of ``block`` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+    blocks = [stream[i:i + block] for i in range(0, len(stream), block)]
+    return [Tokenized(b, list(b)) for b in blocks if len(b) > 1]
+
+
+def _batch(rows: list[Tokenized], pad_id: int) -> dict:
+    input_ids = pad_right([r.input_ids for r in rows], pad_id)
+    attention = pad_right([[1] * len(r.input_ids) for r in rows], 0)
+    labels = pad_right([r.labels for r in rows], IGNORE)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the labelled tokens, and their mask.
+
+    Logits are computed only at the positions where some row of the batch has a label: for sft
+    that is the answers, a fraction of each sequence, and the vocabulary projection is the
+    largest single matrix product of a small model.
+    """
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    keep = mask.any(0).nonzero().squeeze(1)
+    full = len(keep) == targets.size(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=0 if full else keep).logits
+    logits = logits[:, :-1] if full else logits
+    targets, mask = (targets, mask) if full else (targets[:, keep], mask[:, keep])
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view_as(targets)
+    return nll, mask
+
+
+def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, batch_size: int,
+                 console: Console, description: str) -> list[dict]:
+    """Fine-tune on ``rows`` with next-token cross-entropy over the labelled tokens."""
+    seed_everything(loop.seed)
+    lengths = [len(r.input_ids) for r in rows]
+
+    def batches_for_epoch(epoch: int) -> list[dict]:
+        return [_batch([rows[i] for i in idx], tokenizer.pad_token_id)
+                for idx in length_grouped_batches(lengths, batch_size, loop.seed + epoch)]
+
+    def loss_fn(m, batch: dict) -> tuple[torch.Tensor, int]:
+        nll, mask = _token_losses(m, batch)
+        return (nll * mask).sum() / mask.sum().clamp(min=1), int(batch["attention_mask"].sum())
+
+    groups = param_groups(model.named_parameters(), loop.weight_decay)
+    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, description)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, rows: list[Tokenized], batch_size: int = 8) -> tuple[float, list[float]]:
+    """Perplexity over all labelled tokens, and the mean NLL of each row."""
+    model.eval()
+    total, count, per_row = 0.0, 0, [0.0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        nll, mask = _token_losses(model, _batch([rows[i] for i in idx], tokenizer.pad_token_id))
+        nll = nll * mask
+        total += float(nll.sum())
+        count += int(mask.sum())
+        for j, i in enumerate(idx):
+            per_row[i] = float(nll[j].sum() / mask[j].sum().clamp(min=1))
+    return math.exp(total / max(1, count)), per_row
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             console: Console, description: str) -> list[str]:
+    """Greedy completions of token-id prompts, batched with left padding."""
+    from rich.progress import Progress
+
+    model.eval()
+    outputs = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(description, total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+            attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=pad)
+            for j, i in enumerate(idx):
+                outputs[i] = tokenizer.decode(out[j, width:], skip_special_tokens=True).strip()
+            progress.advance(bar, len(idx))
+    return outputs
+
+
+def save_causal(model, tokenizer, directory: Path) -> None:
+    """Write the adapter (LoRA) or the whole model (full), with the tokenizer and its chat template."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def load_causal(directory: Path, base_loader):
+    """Reload a saved run's model: the adapter on ``base_loader()``, or the full model."""
+    from transformers import AutoModelForCausalLM
+
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_loader(), directory).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
