@@ -141,8 +141,11 @@ def models_list(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     table = Table(title="base models")
-    for column in ("name", "kind", "here", "package", "description"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("here")
+    table.add_column("package")
+    table.add_column("description", overflow="fold")
     for entry in catalog.CATALOG.values():
         here = "[green]yes[/]" if catalog.is_available(entry.name) else "[yellow]no: domaintune models pull[/]"
         table.add_row(entry.name, entry.kind, here, f"{entry.package}=={entry.version}", entry.description)

@@ -128,7 +128,7 @@ def _check_messages(value: Any, row: Row) -> list[dict[str, str]]:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"messages[{i}] must be an object with 'role' and 'content'", where=row.where)
         role = message["role"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"messages[{i}] has unknown role {role!r}; expected one of {sorted(ROLES)}", where=row.where)
         if role == "system" and i != 0:
             raise DataError(f"messages[{i}]: a system message may only come first", where=row.where)

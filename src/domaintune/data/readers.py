@@ -6,7 +6,9 @@ point the user at the exact place to fix.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,10 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def _text(path: Path) -> str:
     raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
@@ -54,7 +58,8 @@ def _text(path: Path) -> str:
 
 def _read_delimited(path: Path) -> list[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(_text(path).splitlines(keepends=True), delimiter=delimiter)
+    # newline="" lets csv see quoted line breaks; str.splitlines would also split on U+2028 and the like
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -84,7 +89,8 @@ def _read_delimited(path: Path) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    # JSON strings may hold U+2028 and other characters that str.splitlines treats as line ends.
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -128,7 +134,7 @@ def _read_parquet(path: Path) -> list[Row]:
 
 def _read_txt(path: Path) -> list[Row]:
     return [
-        Row({"text": line}, f"{path}:{number}")
-        for number, line in enumerate(_text(path).splitlines(), start=1)
+        Row({"text": line.rstrip("\r")}, f"{path}:{number}")
+        for number, line in enumerate(_text(path).split("\n"), start=1)
         if line.strip()
     ]

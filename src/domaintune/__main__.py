@@ -1,0 +1,3 @@
+from domaintune.cli import app
+
+app(prog_name="domaintune")
