@@ -174,10 +174,8 @@ def _limit(items: list, max_rows: int | None) -> list:
 
 def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, console: Console,
                         timings: dict[str, float]) -> tuple[RunResult, list[dict]]:
-    import torch
-
-    from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, predict_proba,
-                                                 save_classifier, train_classifier)
+    from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
+                                                 predict_proba, save_classifier, train_classifier)
 
     labels = data.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -197,9 +195,7 @@ def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, conso
     timings["base_eval_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    with torch.no_grad():
-        model.head.weight.copy_(torch.tensor(probe.weight, dtype=torch.float32))
-        model.head.bias.copy_(torch.tensor(probe.bias, dtype=torch.float32))
+    init_head_from_probe(model, probe)
     if spec.method == "lora":
         model.encoder = apply_lora(model.encoder, spec.lora, task_type=None)
     trainable, total = count_parameters(model)
@@ -276,7 +272,7 @@ def _run_causal(spec: Recipe, base, data: TaskData, run_dir: Path, console: Cons
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences")
     log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec), batch_size=int(spec.training.batch_size),
-                       console=console, description=f"{spec.task} ({spec.method})")
+                       console=console, description="train")
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

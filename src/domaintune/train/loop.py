@@ -77,8 +77,8 @@ def train_loop(
     step = 0
     started = time.perf_counter()
     tokens_seen = 0
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]}"),
+    columns = [TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.1e} {task.fields[speed]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(description, total=total_steps, loss=float("nan"), lr=0.0, speed="")
