@@ -31,17 +31,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, lr_scale: dict[str, float] | None = None):
-    """Trainable parameters, without weight decay on biases and norms; ``lr_scale`` multiplies
-    the learning rate of parameters whose name contains a key (e.g. a new head)."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Trainable parameters, without weight decay on biases and norms."""
+    decay, no_decay = [], []
     for name, param in named_params:
-        if not param.requires_grad:
-            continue
-        decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else weight_decay
-        scale = next((s for k, s in (lr_scale or {}).items() if k in name), 1.0)
-        groups.setdefault((decay, scale), []).append(param)
-    return [{"params": p, "weight_decay": d, "lr_scale": s} for (d, s), p in groups.items()]
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train_loop(
@@ -62,10 +58,7 @@ def train_loop(
     steps_per_epoch = len(batches_for_epoch(0))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
-    for group in groups:
-        group["lr"] = config.learning_rate * group.get("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -87,8 +80,8 @@ def train_loop(
             for batch in batches_for_epoch(epoch):
                 if step >= total_steps:
                     break
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * factor(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate * factor(step)
                 loss, n_tokens = loss_fn(model, batch)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
