@@ -61,6 +61,12 @@ def test_classification_run(classification_recipe, tmp_path, method):
     assert set(metrics["tuned"]["per_label"]) <= {"billing", "account", "shipping", "product"}
     # Keywords decide the label: even a tiny random encoder learns them.
     assert metrics["tuned"]["accuracy"] >= 0.75
+    ci = metrics["intervals"]["accuracy"]
+    for which in ("base", "tuned"):
+        assert ci[which][0] <= metrics[which]["accuracy"] <= ci[which][1]
+    diff = metrics["tuned"]["accuracy"] - metrics["base"]["accuracy"]
+    assert ci["difference"][0] <= diff <= ci["difference"][1]
+    assert f"[{ci['tuned'][0]:.3f}, {ci['tuned'][1]:.3f}]" in (result.run_dir / "model_card.md").read_text()
 
     base = catalog.resolve(yaml.safe_load(classification_recipe.read_text())["base_model"])
     model, labels = load_classifier(result.run_dir / "adapter", lambda: catalog.load_encoder(base))
@@ -82,6 +88,8 @@ def test_sft_run(sft_recipe, tmp_path, method):
     metrics = _check_run_dir(result, "sft", method)
     assert set(metrics["tuned"]) >= {"exact_match", "rouge_l", "perplexity"}
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
+    ci = metrics["intervals"]["exact_match"]["tuned"]
+    assert ci[0] <= metrics["tuned"]["exact_match"] <= ci[1]
 
     # The saved weights give the same answer perplexity as the model evaluated in the run.
     base = catalog.resolve(yaml.safe_load(sft_recipe.read_text())["base_model"])

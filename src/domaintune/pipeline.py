@@ -22,6 +22,7 @@ from domaintune.data.readers import read_rows
 from domaintune.data.split import holdout_split
 from domaintune.errors import DataError, ModelError
 from domaintune.evaluate import metrics as M
+from domaintune.evaluate.intervals import paired_intervals
 from domaintune.evaluate.report import write_report
 from domaintune.recipe import Recipe, dump_recipe, load_recipe, resolve_defaults
 from domaintune.registry.lineage import build_lineage
@@ -41,6 +42,7 @@ class RunResult:
     base: dict[str, Any]
     tuned: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "task": self.task, "eval_rows": self.eval_rows,
@@ -86,7 +88,7 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         result.run_dir = run_dir
         (staging / "recipe.yaml").write_text(dump_recipe(spec), encoding="utf-8")
         metrics = {"task": spec.task, "eval_rows": result.eval_rows, "train_rows": result.train_rows,
-                   "base": result.base, "tuned": result.tuned}
+                   "base": result.base, "tuned": result.tuned, "intervals": result.intervals}
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         with open(staging / "train_log.jsonl", "w", encoding="utf-8") as fh:
             for record in train_log:
@@ -218,6 +220,8 @@ def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, conso
                 "tuned_confidence": float(p.max())}
                for e, b, t, p in zip(evaluation, base_pred, tuned_pred, proba)]
     result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
+    result.intervals = {"accuracy": paired_intervals([b == y for b, y in zip(base_pred, truth)],
+                                                     [t == y for t, y in zip(tuned_pred, truth)])}
     return result, log
 
 
@@ -289,4 +293,7 @@ def _run_causal(spec: Recipe, base, data: TaskData, run_dir: Path, console: Cons
                     "tuned": t, "base_exact": eb, "tuned_exact": et}
                    for e, r, b, t, eb, et in zip(evaluation, references, base_out, tuned_out, em_base, em_tuned)]
     result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
+    if spec.task == "sft":
+        result.intervals = {"exact_match": paired_intervals(em_base, em_tuned),
+                            "rouge_l": paired_intervals(M.rouge_l(base_out, references), M.rouge_l(tuned_out, references))}
     return result, log

@@ -16,8 +16,15 @@ INTENDED = {
 
 def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> None:
     rows = headline(spec.task, metrics["base"], metrics["tuned"])
+    intervals = metrics.get("intervals", {})
+
+    def ci(name: str, which: str) -> str:
+        lo_hi = intervals.get(name, {}).get(which)
+        return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
+
     table = "\n".join(
-        f"| {name} | {b:.4f} | {t:.4f} | {t - b:+.4f}{' (lower is better)' if name in LOWER_IS_BETTER else ''} |"
+        f"| {name} | {b:.4f}{ci(name, 'base')} | {t:.4f}{ci(name, 'tuned')} | {t - b:+.4f}{ci(name, 'difference')}"
+        f"{' (lower is better)' if name in LOWER_IS_BETTER else ''} |"
         for name, b, t in rows
     )
     data_lines = "\n".join(f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"])
@@ -41,14 +48,15 @@ def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> 
 - {metrics['train_rows']} training rows; {metrics['eval_rows']} held-out rows for evaluation.
 
 ## Results against the base
-Base: {base_desc}. Both evaluated on the same {metrics['eval_rows']} held-out rows.
+Base: {base_desc}. Both evaluated on the same {metrics['eval_rows']} held-out rows; brackets are 95%
+bootstrap intervals (the change: paired, same rows resampled for both).
 
 | metric | base | tuned | change |
 |---|---|---|---|
 {table}
 
 ## Limitations
-- Results hold for data like the held-out rows; they are point estimates on a small evaluation set, without confidence intervals yet.
+- Results hold for data like the held-out rows; on a small evaluation set the intervals are wide: read them, not only the point estimates.
 - The model may reproduce biases and errors in the training data; check its outputs before relying on them in decisions about people.
 - No personal-data redaction was applied to the training data in this run: do not train on data you may not process.
 """
