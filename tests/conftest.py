@@ -4,6 +4,7 @@ local Hugging Face folders, and small data sets whose labels follow keywords."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -40,6 +41,19 @@ def make_tokenizer():
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _registry_in_a_temporary_folder(tmp_path_factory):
+    """Runs register themselves by default: keep every test (and the processes it starts) out of
+    the user's own registry."""
+    before = os.environ.get("DOMAINTUNE_REGISTRY_URL")
+    os.environ["DOMAINTUNE_REGISTRY_URL"] = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
+    yield
+    if before is None:
+        os.environ.pop("DOMAINTUNE_REGISTRY_URL", None)
+    else:
+        os.environ["DOMAINTUNE_REGISTRY_URL"] = before
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +147,8 @@ def sft_recipe(tmp_path, tiny_llama) -> Path:
     write_jsonl(tmp_path / "data" / "colours.jsonl", colour_rows())
     return write_recipe(tmp_path / "recipe.yaml", {
         "name": "tiny-colours", "task": "sft", "base_model": str(tiny_llama), "method": "lora",
-        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25},
+        # the toy set repeats its six questions on purpose: no deduplication here
+        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"exact": False, "near": False}},
         "training": {"epochs": 3, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
         "evaluate": {"max_new_tokens": 4},
     })

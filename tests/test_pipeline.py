@@ -24,7 +24,8 @@ def _check_run_dir(result, task: str, method: str) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["task"] == task
     assert metrics["eval_rows"] == result.eval_rows > 0
-    assert set(metrics["base"]) >= {"perplexity"} or set(metrics["base"]) >= {"accuracy"}
+    headline = {"classification": "accuracy", "sft": "exact_match", "pretrain": "perplexity"}[task]
+    assert headline in metrics["base"] and headline in metrics["tuned"]
 
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert resolved["method"] == method
@@ -32,7 +33,7 @@ def _check_run_dir(result, task: str, method: str) -> dict:
 
     lineage = json.loads((run_dir / "lineage.json").read_text())
     for entry in lineage["data"]:
-        assert entry["sha256"] == sha256_file(entry["file"] if isinstance(entry["file"], str) else entry["file"])
+        assert entry["sha256"] == sha256_file(entry["file"])
     for entry in lineage["adapter"]:
         assert entry["sha256"] == sha256_file(run_dir / entry["file"])
     assert lineage["base_model"]["files"], "base weights must be hashed"

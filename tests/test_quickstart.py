@@ -47,3 +47,16 @@ def test_quickstart_beats_the_base(tmp_path):
     for summary in summaries.values():
         run_dir = tmp_path / summary["run_dir"].split(str(tmp_path) + "/", 1)[1]
         assert (run_dir / "report.html").is_file() and (run_dir / "adapter").is_dir()
+
+
+def test_data_inspect_on_the_shipped_recipes_counts_tokens_and_finds_the_signatures():
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    done = subprocess.run([sys.executable, "-m", "domaintune", "data", "inspect",
+                           str(recipes / "support-intents" / "recipe.yaml"), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    card = json.loads(done.stdout)
+    assert card["rows_in"] == 720 and card["kept"]["train"] + card["kept"]["eval"] == 720
+    assert card["tokens"]["train"]["max"] <= 128  # the classification default max_seq_length truncates nothing
+    assert card["pii"]["found"]["email"] >= 5  # the tickets quote e-mail addresses

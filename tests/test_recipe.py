@@ -89,7 +89,7 @@ def test_load_minimal_recipe_has_defaults(tmp_path):
     assert recipe.data.train == "data/train.csv"
     assert recipe.data.eval is None
     assert recipe.data.text_field == "text" and recipe.data.label_field == "label"
-    assert recipe.data.eval_fraction == 0.2
+    assert recipe.data.split.eval_fraction == 0.2
     assert recipe.training.epochs is None
     assert recipe.training.learning_rate is None
     assert recipe.training.batch_size is None
@@ -106,7 +106,7 @@ def test_load_full_recipe(tmp_path):
     assert recipe.task == "sft" and recipe.method == "full"
     assert recipe.data.eval == "data/eval.jsonl"
     assert recipe.data.text_field == "body" and recipe.data.label_field == "intent"
-    assert recipe.data.eval_fraction == 0.1
+    assert recipe.data.split.eval_fraction == 0.1
     assert recipe.data.system_prompt == "Answer as: specialty; urgency"
     assert recipe.training.epochs == 3
     assert recipe.training.learning_rate == pytest.approx(2e-5)
@@ -151,7 +151,11 @@ def test_resolve_defaults_fills_task_method_defaults(task, method):
 
 
 def test_task_defaults_cover_every_task_and_method():
-    assert set(TASK_DEFAULTS) == {(t, m) for t in ("classification", "sft", "pretrain") for m in ("lora", "full")}
+    from domaintune.recipe import METHODS_BY_TASK
+
+    assert set(TASK_DEFAULTS) == {(t, m) for t, methods in METHODS_BY_TASK.items() for m in methods}
+    assert {m for methods in METHODS_BY_TASK.values() for m in methods} == {
+        "lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full"}
     assert TASK_DEFAULTS[("sft", "lora")]["epochs"] == 2
     assert TASK_DEFAULTS[("pretrain", "full")]["epochs"] == 1
 
@@ -376,7 +380,7 @@ def test_invalid_values_point_at_their_line(tmp_path, snippet, key, line):
 
 def test_invalid_eval_fraction(tmp_path):
     text = error_text(tmp_path, BASE + "  eval_fraction: 1.5\n")
-    assert ":6: data.eval_fraction:" in text
+    assert ":6: data.split.eval_fraction:" in text
 
 
 def test_invalid_yaml_reports_line(tmp_path):

@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 from domaintune.errors import DataError, DomaintuneError, ModelError, RecipeError  # noqa: E402
 
 
-def run(recipe, overrides=None, output_dir=None, console=None):
+def run(recipe, overrides=None, output_dir=None, console=None, gates=None, register=True, registry_url=None,
+        resume=None):
     """Run a recipe end to end; see ``domaintune.pipeline.run``."""
     from domaintune.pipeline import run as _run
 
-    return _run(recipe, overrides=overrides, output_dir=output_dir, console=console)
+    return _run(recipe, overrides=overrides, output_dir=output_dir, console=console, gates=gates,
+                register=register, registry_url=registry_url, resume=resume)
 
 
 __all__ = ["run", "DomaintuneError", "DataError", "ModelError", "RecipeError", "__version__"]

@@ -8,7 +8,7 @@ import math
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,21 @@ import numpy as np
 from rich.console import Console
 
 from domaintune import catalog
-from domaintune.data.examples import TextExample, chat_examples, classification_examples, text_examples
-from domaintune.data.readers import read_rows
-from domaintune.data.split import holdout_split
-from domaintune.errors import DataError, ModelError
+from domaintune.data.examples import TextExample
+from domaintune.data.prepare import PreparedData, prepare, write_prepared
+from domaintune.errors import DataError, DomaintuneError, ModelError, RecipeError
 from domaintune.evaluate import metrics as M
+from domaintune.evaluate.bias import flip_rate, load_term_groups
+from domaintune.evaluate.calibration import confusion_matrix, expected_calibration_error, reliability_bins
+from domaintune.evaluate.gates import check_gate, validate_gate
 from domaintune.evaluate.intervals import paired_intervals
+from domaintune.evaluate.significance import mcnemar, paired_bootstrap_p
 from domaintune.evaluate.report import write_report
 from domaintune.recipe import Recipe, dump_recipe, load_recipe, resolve_defaults
 from domaintune.registry.lineage import build_lineage
 from domaintune.registry.model_card import write_model_card
-from domaintune.train.loop import LoopConfig
-from domaintune.train.methods import apply_lora, count_parameters
+from domaintune.train.loop import LoopConfig, seed_everything
+from domaintune.train.methods import apply_method, check_runs_here, count_parameters, load_quantized_causal_lm
 
 
 @dataclass
@@ -43,23 +46,37 @@ class RunResult:
     tuned: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
     intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # significance, calibration, slices, bias
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    registered: str | None = None  # "name:version" in the registry
+
+    @property
+    def passed(self) -> bool:
+        """Whether every gate held (True when there are none)."""
+        return all(g["passed"] for g in self.gates)
+
+    def metrics(self) -> dict[str, Any]:
+        """The content of metrics.json."""
+        return {"task": self.task, "eval_rows": self.eval_rows, "train_rows": self.train_rows,
+                "base": self.base, "tuned": self.tuned, "intervals": self.intervals, **self.extra,
+                "gates": self.gates}
 
     def summary(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "task": self.task, "eval_rows": self.eval_rows,
-                "train_rows": self.train_rows, "base": self.base, "tuned": self.tuned}
-
-
-@dataclass
-class TaskData:
-    train: list
-    eval: list
-    labels: list[str] = field(default_factory=list)
+                "train_rows": self.train_rows, "base": self.base, "tuned": self.tuned,
+                "gates": self.gates, "passed": self.passed, "registered": self.registered}
 
 
 def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir: str | Path | None = None,
-        console: Console | None = None) -> RunResult:
+        console: Console | None = None, gates: list[str] | None = None, register: bool = True,
+        registry_url: str | None = None, resume: str | Path | None = None) -> RunResult:
     """Run a recipe end to end and return its result. ``overrides`` maps dotted recipe keys to
-    values (``{"training.epochs": 1}``); ``output_dir`` replaces the recipe's ``output_dir``."""
+    values (``{"training.epochs": 1}``); ``output_dir`` replaces the recipe's ``output_dir``;
+    ``gates`` are added to the recipe's ``evaluate.gates`` (``result.passed`` tells whether all held;
+    the run directory is written either way). With ``register`` the finished run becomes a new
+    candidate version in the registry (``registry_url``, default: see ``domaintune.registry``).
+    ``resume`` continues a run that was killed (its ``.partial`` folder, or the run directory it
+    was to become) from its last checkpoint, with the same run id."""
     console = console or Console(stderr=True, quiet=True)
     quiet_libraries()
     recipe_path = Path(recipe).resolve()
@@ -68,43 +85,63 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     clock = time.perf_counter()
 
     spec = load_recipe(recipe_path, overrides)
-    data_files = [root / spec.data.train] + ([root / spec.data.eval] if spec.data.eval else [])
-    data = _load_data(spec, root)
+    if gates:
+        spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"gates": [*spec.evaluate.gates, *gates]})})
+    for expr in spec.evaluate.gates:
+        validate_gate(expr)  # a typo in a gate should fail now, not after training
+    check_runs_here(spec)
+    resumed = _resume_dirs(Path(resume), spec.name) if resume is not None else None
+    data = prepare(spec, root, console)
     spec = resolve_defaults(spec, len(data.train))
     base = catalog.resolve(spec.base_model, base_dir=root)
     _check_model_fits_task(spec)
     timings["data_s"] = time.perf_counter() - clock
     console.print(f"[bold]{spec.name}[/]: {spec.task} on [cyan]{spec.base_model}[/] ({spec.method}); "
-                  f"{len(data.train)} training rows, {len(data.eval)} held out")
+                  f"{len(data.train)} training rows, {len(data.eval)} held out; {_data_note(data.card)}")
 
-    out_root = Path(output_dir) if output_dir is not None else root / spec.output_dir
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-    run_dir = out_root / spec.name / run_id
-    staging = out_root / spec.name / f".{run_id}.partial"
-    staging.mkdir(parents=True)
+    if resumed:
+        run_dir, staging = resumed
+        run_id = run_dir.name
+        console.print(f"resuming {staging}")
+    else:
+        out_root = Path(output_dir) if output_dir is not None else root / spec.output_dir
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        run_dir = out_root / spec.name / run_id
+        staging = out_root / spec.name / f".{run_id}.partial"
+        staging.mkdir(parents=True)
     try:
+        processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine")
         runner = _run_classification if spec.task == "classification" else _run_causal
         result, train_log = runner(spec, base, data, staging, console, timings)
         result.run_dir = run_dir
         (staging / "recipe.yaml").write_text(dump_recipe(spec), encoding="utf-8")
-        metrics = {"task": spec.task, "eval_rows": result.eval_rows, "train_rows": result.train_rows,
-                   "base": result.base, "tuned": result.tuned, "intervals": result.intervals}
+        if spec.evaluate.slices:
+            result.extra["slices"] = _slices(spec, result)
+        result.gates = [asdict(check_gate(expr, result.metrics())) for expr in spec.evaluate.gates]
+        metrics = result.metrics()
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        with open(staging / "train_log.jsonl", "w", encoding="utf-8") as fh:
-            for record in train_log:
-                fh.write(json.dumps(record) + "\n")
         with open(staging / "predictions.jsonl", "w", encoding="utf-8") as fh:
             for sample in result.samples:
                 fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
         timings["total_s"] = time.perf_counter() - clock
-        lineage = build_lineage(spec, recipe_path, data_files, base, staging / "adapter", run_id, timings)
+        lineage = build_lineage(spec, recipe_path, data.sources, processed, base, staging / "adapter", run_id, timings)
         (staging / "lineage.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
-        write_model_card(staging / "model_card.md", spec, metrics, lineage)
+        write_model_card(staging / "model_card.md", spec, metrics, lineage, data.card)
         write_report(staging / "report.html", spec, metrics, result.samples, train_log)
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # they serve a resume only
         staging.rename(run_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
+        if not resumed:  # a failed resume keeps the checkpoints it came for
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
         raise
+    if register:
+        from domaintune.registry.store import register_run
+
+        try:
+            version = register_run(run_dir, registry_url)
+            result.registered = f"{version.name}:{version.version}"
+        except DomaintuneError as exc:  # the run is complete and kept: say how to register it later
+            console.print(f"[yellow]not registered: {exc}\n  register it with `domaintune registry register {run_dir}`[/]")
     return result
 
 
@@ -130,51 +167,58 @@ def _check_model_fits_task(spec: Recipe) -> None:
                          hint="set base_model: smollm2-135m-instruct (or any causal LM folder or .gguf)")
 
 
-def _load_data(spec: Recipe, root: Path) -> TaskData:
-    d = spec.data
-    train_rows = read_rows(root / d.train)
-    eval_rows = read_rows(root / d.eval) if d.eval else None
+def _slices(spec: Recipe, result: RunResult) -> list[dict]:
+    """Metrics per value of each ``evaluate.slices`` column, from the per-row results."""
+    from domaintune.evaluate.slices import classification_score, mean_scores, slice_metrics
+
     if spec.task == "classification":
-        train = classification_examples(train_rows, d.text_field, d.label_field)
-        if eval_rows is None:
-            train, evaluation = holdout_split(train, d.eval_fraction, spec.training.seed, key=lambda e: e.label)
-        else:
-            evaluation = classification_examples(eval_rows, d.text_field, d.label_field)
-        seen = {e.label for e in train}
-        unseen = [e for e in evaluation if e.label not in seen]
-        if unseen:
-            places = ", ".join(f"{e.where} ({e.label!r})" for e in unseen[:3])
-            raise DataError(f"{len(unseen)} eval rows have labels that never occur in training: {places}",
-                            hint="add training rows for those labels or remove them from the eval file")
-        if len(seen) < 2:
-            raise DataError(f"classification needs at least two labels; training has {sorted(seen)}",
-                            where=str(root / d.train))
-        return TaskData(train, evaluation, labels=sorted(seen))
-    if spec.task == "sft":
-        train = chat_examples(train_rows, d.system_prompt)
-        evaluation = chat_examples(eval_rows, d.system_prompt) if eval_rows is not None else None
-    else:
-        train = text_examples(train_rows, d.text_field)
-        evaluation = text_examples(eval_rows, d.text_field) if eval_rows is not None else None
-    if evaluation is None:
-        train, evaluation = holdout_split(train, d.eval_fraction, spec.training.seed)
-    if not train or not evaluation:
-        raise DataError("too few rows to hold some out for evaluation", where=str(root / d.train),
-                        hint="add rows or give an eval file (data.eval)")
-    return TaskData(train, evaluation)
+        return [slice_metrics(result.samples, name, classification_score) for name in spec.evaluate.slices]
+    if spec.task != "sft":
+        return []
+    rows = [{"base": {"exact_match": s["base_exact"], "rouge_l": s["base_rouge_l"]},
+             "tuned": {"exact_match": s["tuned_exact"], "rouge_l": s["tuned_rouge_l"]}, "meta": s["meta"]}
+            for s in result.samples]
+    return [slice_metrics(rows, name, mean_scores) for name in spec.evaluate.slices]
 
 
-def _loop_config(spec: Recipe) -> LoopConfig:
+def _data_note(card: dict) -> str:
+    pii = sum(card["pii"]["found"].values())
+    return (f"{card['dropped_total']} rows dropped by the data steps, "
+            f"{pii} personal-data items {'redacted' if card['pii']['redact'] else 'left in'}")
+
+
+def _loop_config(spec: Recipe, run_dir: Path) -> LoopConfig:
+    """The loop's settings; it logs and checkpoints into ``run_dir`` (and resumes from there)."""
     t = spec.training
     return LoopConfig(epochs=float(t.epochs), learning_rate=float(t.learning_rate), weight_decay=t.weight_decay,
-                      warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, seed=t.seed)
+                      warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, seed=t.seed,
+                      scheduler=t.scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                      max_steps=t.max_steps, max_minutes=t.max_minutes, eval_every=t.eval_every,
+                      early_stopping_patience=t.early_stopping_patience, checkpoint_every=t.checkpoint_every,
+                      run_dir=run_dir, report_to=t.report_to, run_name=spec.name)
+
+
+def _resume_dirs(path: Path, name: str) -> tuple[Path, Path]:
+    """(run directory, staging folder) of the unfinished run at ``path``, which may name either."""
+    path = path.resolve()
+    run_id = path.name[1:-len(".partial")] if path.name.startswith(".") and path.name.endswith(".partial") else path.name
+    run_dir, staging = path.parent / run_id, path.parent / f".{run_id}.partial"
+    if run_dir.is_dir():
+        raise RecipeError(f"run {run_dir} is finished: there is nothing to resume", hint="start a new run without --resume")
+    if not staging.is_dir():
+        raise RecipeError(f"no unfinished run at {path}",
+                          hint=f"pass the run's .partial folder under <output_dir>/{name}/ (or the run directory it was to become)")
+    if path.parent.name != name:
+        raise RecipeError(f"{staging} is a run of {path.parent.name!r}, not of this recipe ({name!r})",
+                          hint="resume with the recipe the run was started with")
+    return run_dir, staging
 
 
 def _limit(items: list, max_rows: int | None) -> list:
     return items[:max_rows] if max_rows else items
 
 
-def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, console: Console,
+def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
                         timings: dict[str, float]) -> tuple[RunResult, list[dict]]:
     from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
                                                  predict_proba, save_classifier, train_classifier)
@@ -192,18 +236,26 @@ def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, conso
     model = MeanPoolClassifier(catalog.load_encoder(base), len(labels))
     with console.status("base: fitting a logistic-regression probe on the frozen embeddings"):
         probe = fit_probe(embed_texts(model, tokenizer, train_texts, max_len), train_y, len(labels), spec.training.seed)
-        base_logits = probe.logits(embed_texts(model, tokenizer, eval_texts, max_len))
-    base_pred = [labels[i] for i in base_logits.argmax(1)]
+        base_proba = _softmax(probe.logits(embed_texts(model, tokenizer, eval_texts, max_len)))
+    base_pred = [labels[i] for i in base_proba.argmax(1)]
+    bias = {}
+    if spec.evaluate.bias_probes:  # the base must be probed before training changes the encoder
+        groups = load_term_groups(spec.evaluate.bias_terms)
+        with console.status("base: counterfactual bias probes"):
+            bias["base"] = flip_rate(lambda texts: [labels[i] for i in probe.logits(
+                embed_texts(model, tokenizer, texts, max_len)).argmax(1)], eval_texts, groups)
     timings["base_eval_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     init_head_from_probe(model, probe)
-    if spec.method == "lora":
-        model.encoder = apply_lora(model.encoder, spec.lora, task_type=None)
+    seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
+    model.encoder = apply_method(model.encoder, spec, task_type=None)
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
-    log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec),
-                           batch_size=int(spec.training.batch_size), max_length=max_len, console=console)
+    held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
+    log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
+                           batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
+                           eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -216,23 +268,44 @@ def _run_classification(spec: Recipe, base, data: TaskData, run_dir: Path, conso
     tuned_metrics["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     save_classifier(model, tokenizer, labels, spec.method, run_dir / "adapter")
     timings["tuned_eval_s"] = time.perf_counter() - clock
+    if spec.evaluate.bias_probes:
+        with console.status("tuned: counterfactual bias probes"):
+            bias["tuned"] = flip_rate(lambda texts: [labels[i] for i in predict_proba(
+                model, tokenizer, texts, max_len).argmax(1)], eval_texts, groups)
     samples = [{"where": e.where, "text": e.text, "label": e.label, "base": b, "tuned": t,
-                "tuned_confidence": float(p.max())}
-               for e, b, t, p in zip(evaluation, base_pred, tuned_pred, proba)]
+                "base_confidence": float(bp.max()), "tuned_confidence": float(p.max()), "meta": e.meta}
+               for e, b, t, bp, p in zip(evaluation, base_pred, tuned_pred, base_proba, proba)]
     result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
-    result.intervals = {"accuracy": paired_intervals([b == y for b, y in zip(base_pred, truth)],
-                                                     [t == y for t, y in zip(tuned_pred, truth)])}
+    base_correct = [b == y for b, y in zip(base_pred, truth)]
+    tuned_correct = [t == y for t, y in zip(tuned_pred, truth)]
+    result.intervals = {"accuracy": paired_intervals(base_correct, tuned_correct)}
+    result.extra["significance"] = {"accuracy": mcnemar(base_correct, tuned_correct)}
+    calibration = {}
+    for name, p, correct, scores in (("base", base_proba, base_correct, base_metrics),
+                                     ("tuned", proba, tuned_correct, tuned_metrics)):
+        scores["ece"] = expected_calibration_error(p.max(1), correct)
+        calibration[name] = reliability_bins(p.max(1), correct)
+    result.extra["calibration"] = calibration
+    result.extra["confusion"] = {"labels": labels, "tuned": confusion_matrix(truth, tuned_pred, labels),
+                                 "base": confusion_matrix(truth, base_pred, labels)}
+    if bias:
+        result.extra["bias"] = bias
     return result, log
 
 
-def _run_causal(spec: Recipe, base, data: TaskData, run_dir: Path, console: Console,
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
                 timings: dict[str, float]) -> tuple[RunResult, list[dict]]:
     from domaintune.train.causal import (ensure_chat_template, generate, pack_text, perplexity, prompt_ids,
                                          save_causal, tokenize_chat, answer_token_count, train_causal)
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
-    model = catalog.load_causal_lm(base)
+    model = load_quantized_causal_lm(base.path) if spec.method == "qlora" else catalog.load_causal_lm(base)
     max_len = int(spec.training.max_seq_length)
     evaluation = _limit(data.eval, spec.evaluate.max_rows)
     ev = spec.evaluate
@@ -254,46 +327,53 @@ def _run_causal(spec: Recipe, base, data: TaskData, run_dir: Path, console: Cons
         longest = max(answer_token_count(tokenizer, e.answer) for e in data.train)
         max_new = ev.max_new_tokens or min(256, math.ceil(longest * 1.25) + 8)
 
-        def evaluate(name: str) -> tuple[dict, list[str]]:
+        def evaluate(name: str) -> tuple[dict, list[str], dict]:
             outputs = generate(model, tokenizer, prompts, max_new, ev.batch_size, console, f"{name}: generating")
             ppl, _ = perplexity(model, tokenizer, eval_rows, ev.batch_size)
-            return M.generation_metrics(outputs, references, ppl), outputs
+            metrics, per_row = M.generation_metrics(outputs, references, ppl)
+            return metrics, outputs, per_row
     else:
         train_rows = pack_text(tokenizer, [e.text for e in data.train], max_len)
         eval_rows = pack_text(tokenizer, [e.text for e in evaluation], max_len)
 
-        def evaluate(name: str) -> tuple[dict, list[str]]:
+        def evaluate(name: str) -> tuple[dict, list[str], dict]:
             ppl, _ = perplexity(model, tokenizer, eval_rows, ev.batch_size)
-            return {"perplexity": float(ppl)}, []
+            return {"perplexity": float(ppl)}, [], {}
 
-    base_metrics, base_out = evaluate("base")
+    base_metrics, base_out, base_scores = evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    if spec.method == "lora":
-        model = apply_lora(model, spec.lora, task_type="CAUSAL_LM")
+    seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
+    model = apply_method(model, spec, task_type="CAUSAL_LM", tokenizer_path=str(base.path))
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences")
-    log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec), batch_size=int(spec.training.batch_size),
-                       console=console, description="train")
+    log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec, run_dir),
+                       batch_size=int(spec.training.batch_size), console=console, description="train",
+                       eval_rows=eval_rows[:spec.training.eval_rows])
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    tuned_metrics, tuned_out = evaluate("tuned")
+    tuned_metrics, tuned_out, tuned_scores = evaluate("tuned")
     tuned_metrics["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     save_causal(model, tokenizer, run_dir / "adapter")
     timings["tuned_eval_s"] = time.perf_counter() - clock
 
     samples: list[dict] = []
     if spec.task == "sft":
-        em_base = M.exact_match(base_out, references)
-        em_tuned = M.exact_match(tuned_out, references)
         samples = [{"where": e.where, "prompt": e.prompt_messages[-1]["content"], "reference": r, "base": b,
-                    "tuned": t, "base_exact": eb, "tuned_exact": et}
-                   for e, r, b, t, eb, et in zip(evaluation, references, base_out, tuned_out, em_base, em_tuned)]
+                    "tuned": t, "base_exact": eb, "tuned_exact": et, "base_rouge_l": rb, "tuned_rouge_l": rt,
+                    "meta": e.meta}
+                   for e, r, b, t, eb, et, rb, rt in zip(evaluation, references, base_out, tuned_out,
+                                                         base_scores["exact_match"], tuned_scores["exact_match"],
+                                                         base_scores["rouge_l"], tuned_scores["rouge_l"])]
     result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
-    if spec.task == "sft":
-        result.intervals = {"exact_match": paired_intervals(em_base, em_tuned),
-                            "rouge_l": paired_intervals(M.rouge_l(base_out, references), M.rouge_l(tuned_out, references))}
+    result.intervals = {name: paired_intervals(base_scores[name], tuned_scores[name]) for name in base_scores}
+    if base_scores:
+        result.extra["significance"] = {
+            "exact_match": mcnemar(np.array(base_scores["exact_match"]) > 0, np.array(tuned_scores["exact_match"]) > 0),
+            "rouge_l": {"p_value": paired_bootstrap_p(base_scores["rouge_l"], tuned_scores["rouge_l"]),
+                        "method": "paired bootstrap"},
+        }
     return result, log

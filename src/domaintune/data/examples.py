@@ -32,6 +32,7 @@ class TextExample:
 class ChatExample:
     messages: list[dict[str, str]]
     where: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields (for splits and slices)
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -43,7 +44,12 @@ class ChatExample:
         return self.messages[-1]["content"]
 
 
-def _require_columns(rows: list[Row], columns: list[str], recipe_keys: dict[str, str]) -> None:
+def require_columns(rows: list[Row], columns: list[str], recipe_keys: dict[str, str]) -> None:
+    """A column missing from the first readable row is the file's problem, not a row's: raise."""
+    readable = [row for row in rows if row.problem is None]
+    if not readable:
+        return
+    rows = readable
     present = set(rows[0].fields)
     for column in columns:
         if column not in present:
@@ -67,57 +73,77 @@ def _string(value: Any, row: Row, name: str) -> str:
     return text
 
 
-def classification_examples(rows: list[Row], text_field: str, label_field: str) -> list[TextExample]:
-    _require_columns(rows, [text_field, label_field], {text_field: "text_field", label_field: "label_field"})
-    out = []
-    for row in rows:
-        if text_field not in row.fields or label_field not in row.fields:
-            missing = text_field if text_field not in row.fields else label_field
-            raise DataError(f"row has no field {missing!r}", where=row.where)
-        meta = {k: v for k, v in row.fields.items() if k not in (text_field, label_field)}
-        out.append(TextExample(
-            text=_string(row.fields[text_field], row, text_field),
-            label=_string(row.fields[label_field], row, label_field),
+def classification_example(row: Row, text_field: str, label_field: str) -> TextExample:
+    """One classification row; a bad row raises ``DataError`` naming it."""
+    if row.problem is not None:
+        raise row.problem
+    if text_field not in row.fields or label_field not in row.fields:
+        missing = text_field if text_field not in row.fields else label_field
+        raise DataError(f"row has no field {missing!r}", where=row.where)
+    meta = {k: v for k, v in row.fields.items() if k not in (text_field, label_field)}
+    return TextExample(
+        text=_string(row.fields[text_field], row, text_field),
+        label=_string(row.fields[label_field], row, label_field),
+        where=row.where,
+        meta=meta,
+    )
+
+
+def text_example(row: Row, text_field: str) -> TextExample:
+    """One pretraining row (its text only)."""
+    if row.problem is not None:
+        raise row.problem
+    meta = {k: v for k, v in row.fields.items() if k != text_field}
+    return TextExample(text=_string(row.fields.get(text_field), row, text_field), where=row.where, meta=meta)
+
+
+def chat_example(row: Row, system_prompt: str | None = None) -> ChatExample:
+    """One sft row in any of the three shapes, as chat messages ending with the assistant answer."""
+    if row.problem is not None:
+        raise row.problem
+    f = row.fields
+    if "messages" in f:
+        messages = _check_messages(f["messages"], row)
+        shape = {"messages"}
+    elif "prompt" in f and "completion" in f:
+        messages = [
+            {"role": "user", "content": _string(f["prompt"], row, "prompt")},
+            {"role": "assistant", "content": _string(f["completion"], row, "completion")},
+        ]
+        shape = {"prompt", "completion"}
+    elif "instruction" in f and "output" in f:
+        instruction = _string(f["instruction"], row, "instruction")
+        extra = f.get("input")
+        user = f"{instruction}\n\n{str(extra).strip()}" if extra not in (None, "") and str(extra).strip() else instruction
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _string(f["output"], row, "output")},
+        ]
+        shape = {"instruction", "input", "output"}
+    else:
+        raise DataError(
+            f"row has fields {sorted(f)} but an sft row needs one of: " + "; ".join(SFT_SHAPES),
             where=row.where,
-            meta=meta,
-        ))
-    return out
+        )
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    meta = {k: v for k, v in f.items() if k not in shape}
+    return ChatExample(messages=messages, where=row.where, meta=meta)
+
+
+def classification_examples(rows: list[Row], text_field: str, label_field: str) -> list[TextExample]:
+    require_columns(rows, [text_field, label_field], {text_field: "text_field", label_field: "label_field"})
+    return [classification_example(row, text_field, label_field) for row in rows]
 
 
 def text_examples(rows: list[Row], text_field: str) -> list[TextExample]:
-    _require_columns(rows, [text_field], {text_field: "text_field"})
-    return [TextExample(text=_string(row.fields.get(text_field), row, text_field), where=row.where) for row in rows]
+    require_columns(rows, [text_field], {text_field: "text_field"})
+    return [text_example(row, text_field) for row in rows]
 
 
 def chat_examples(rows: list[Row], system_prompt: str | None = None) -> list[ChatExample]:
     """Accept the three SFT row shapes and return chat messages ending with the assistant answer."""
-    out = []
-    for row in rows:
-        f = row.fields
-        if "messages" in f:
-            messages = _check_messages(f["messages"], row)
-        elif "prompt" in f and "completion" in f:
-            messages = [
-                {"role": "user", "content": _string(f["prompt"], row, "prompt")},
-                {"role": "assistant", "content": _string(f["completion"], row, "completion")},
-            ]
-        elif "instruction" in f and "output" in f:
-            instruction = _string(f["instruction"], row, "instruction")
-            extra = f.get("input")
-            user = f"{instruction}\n\n{str(extra).strip()}" if extra not in (None, "") and str(extra).strip() else instruction
-            messages = [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": _string(f["output"], row, "output")},
-            ]
-        else:
-            raise DataError(
-                f"row has fields {sorted(f)} but an sft row needs one of: " + "; ".join(SFT_SHAPES),
-                where=row.where,
-            )
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        out.append(ChatExample(messages=messages, where=row.where))
-    return out
+    return [chat_example(row, system_prompt) for row in rows]
 
 
 def _check_messages(value: Any, row: Row) -> list[dict[str, str]]:

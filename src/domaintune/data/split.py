@@ -1,4 +1,5 @@
-"""Hold out evaluation rows when a recipe has no eval file: seeded, stratified by label."""
+"""Hold out evaluation rows when a recipe has no eval file: seeded and stratified by label
+(``holdout_split``), by group (``group_split``) or by time (``time_split``)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,47 @@ def holdout_split(
         rng.shuffle(indices)
         n_eval = min(len(indices) - 1, max(1, round(len(indices) * fraction)))
         held.update(indices[:n_eval])
+    train = [item for i, item in enumerate(items) if i not in held]
+    evaluation = [item for i, item in enumerate(items) if i in held]
+    return train, evaluation
+
+
+def group_split(
+    items: Sequence[T], fraction: float, seed: int, group: Callable[[T], object]
+) -> tuple[list[T], list[T]]:
+    """Split so that no group has items on both sides: whole groups, drawn in a seeded order,
+    go to eval until it holds about ``fraction`` of the items (at least one group, never all)."""
+    groups: dict[object, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[group(item)].append(index)
+    names = sorted(groups, key=str)
+    if len(names) < 2:
+        return list(items), []
+    random.Random(seed).shuffle(names)
+    target = fraction * len(items)
+    held: set[int] = set()
+    for name in names[:-1]:  # the last group always trains
+        if held and len(held) + len(groups[name]) / 2 > target:
+            continue  # taking this group would overshoot more than leaving it
+        held.update(groups[name])
+        if len(held) >= target:
+            break
+    train = [item for i, item in enumerate(items) if i not in held]
+    evaluation = [item for i, item in enumerate(items) if i in held]
+    return train, evaluation
+
+
+def time_split(items: Sequence[T], fraction: float, time: Callable[[T], object]) -> tuple[list[T], list[T]]:
+    """Train on the older rows and evaluate on the newest ``fraction``: what a model meets after
+    deployment in a domain that changes. Rows sharing the cut-off time stay together (in eval)."""
+    if len(items) < 2:
+        return list(items), []
+    order = sorted(range(len(items)), key=lambda i: time(items[i]))
+    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    cutoff = time(items[order[len(items) - n_eval]])
+    held = {i for i in order if time(items[i]) >= cutoff}
+    if len(held) == len(items):  # every row has the same time: nothing older to train on
+        return list(items), []
     train = [item for i, item in enumerate(items) if i not in held]
     evaluation = [item for i, item in enumerate(items) if i in held]
     return train, evaluation

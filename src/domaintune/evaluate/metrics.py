@@ -46,12 +46,11 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
-def generation_metrics(predictions: list[str], references: list[str], perplexity: float) -> dict:
-    return {
-        "exact_match": float(np.mean(exact_match(predictions, references))),
-        "rouge_l": float(np.mean(rouge_l(predictions, references))),
-        "perplexity": float(perplexity),
-    }
+def generation_metrics(predictions: list[str], references: list[str], perplexity: float) -> tuple[dict, dict]:
+    """The metrics, and the per-row scores they average (for intervals and the report)."""
+    per_row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
+    metrics = {name: float(np.mean(scores)) for name, scores in per_row.items()}
+    return {**metrics, "perplexity": float(perplexity)}, per_row
 
 
 HEADLINE = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from domaintune.evaluate.calibration import confusion_html, reliability_svg
 from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
 from domaintune.recipe import Recipe
 
@@ -28,11 +29,25 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
              f"<p>Task <b>{_e(spec.task)}</b>, base model <b>{_e(spec.base_model)}</b>, method <b>{_e(spec.method)}</b>; "
              f"{metrics['train_rows']} training rows, {metrics['eval_rows']} held-out rows.</p>",
              f"<p>Base: {_e(metrics['base'].get('model', ''))}. Tuned: {_e(metrics['tuned'].get('model', ''))}.</p>",
-             "<h2>Headline metrics</h2><table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"]
+             "<h2>Headline metrics</h2><p>Brackets: 95% bootstrap intervals; the change is paired (the same rows "
+             "resampled for both models). p: the chance of a difference this large if the models were equally good.</p>"
+             "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th><th>p</th></tr>"]
+    intervals, significance = metrics.get("intervals", {}), metrics.get("significance", {})
     for name, b, t in headline(spec.task, metrics["base"], metrics["tuned"]):
-        parts.append(f"<tr><td>{_e(name)}</td><td>{b:.4f}</td><td>{t:.4f}</td>"
-                     f"<td class='{_change_class(name, b, t)}'>{t - b:+.4f}</td></tr>")
+        p = significance.get(name, {}).get("p_value")
+        parts.append(f"<tr><td>{_e(name)}</td><td>{b:.4f}{_ci(intervals, name, 'base')}</td>"
+                     f"<td>{t:.4f}{_ci(intervals, name, 'tuned')}</td>"
+                     f"<td class='{_change_class(name, b, t)}'>{t - b:+.4f}{_ci(intervals, name, 'difference')}</td>"
+                     f"<td>{'' if p is None else f'{p:.2g}'}</td></tr>")
     parts.append("</table>")
+    if metrics.get("gates"):
+        parts.append("<h2>Gates</h2><ul>")
+        for gate in metrics["gates"]:
+            verdict = "<span class='better'>passed</span>" if gate["passed"] else "<span class='worse'>failed</span>"
+            parts.append(f"<li>{verdict}: <code>{_e(gate['expr'])}</code> {_e('; '.join(gate['failing']))}</li>")
+        parts.append("</ul>")
+    parts.append("<p>The data: see <a href='data_card.md'>data_card.md</a> (sources, what each step dropped, "
+                 "personal data redacted, duplicates and leakage).</p>")
 
     if spec.task == "classification":
         parts.append("<h2>Per-label F1</h2><table><tr><th>label</th><th>support</th><th>base F1</th><th>tuned F1</th></tr>")
@@ -44,6 +59,23 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
             parts.append(f"<tr><td>{_e(label)}</td><td>{support}</td><td>{b:.3f}</td>"
                          f"<td class='{_change_class('f1', b, t)}'>{t:.3f}</td></tr>")
         parts.append("</table>")
+        if "calibration" in metrics:
+            parts.append("<h2>Calibration</h2><p>Expected calibration error: base "
+                         f"{metrics['base']['ece']:.3f}, tuned {metrics['tuned']['ece']:.3f} (lower: confidence "
+                         "closer to accuracy).</p><div>"
+                         + reliability_svg(metrics["calibration"]["base"], title="base")
+                         + reliability_svg(metrics["calibration"]["tuned"], title="tuned") + "</div>")
+        if "confusion" in metrics:
+            parts.append("<h2>Confusion matrix (tuned; rows: true label)</h2>"
+                         + confusion_html(metrics["confusion"]["tuned"], metrics["confusion"]["labels"]))
+        mistakes = sorted((s for s in samples if s["tuned"] != s["label"]), key=lambda s: -s["tuned_confidence"])[:15]
+        if mistakes:
+            parts.append("<h2>Most confident mistakes (tuned)</h2><table><tr><th>text</th><th>label</th><th>tuned</th>"
+                         "<th>confidence</th></tr>")
+            for s in mistakes:
+                parts.append(f"<tr><td>{_e(s['text'])}</td><td>{_e(s['label'])}</td><td>{_e(s['tuned'])}</td>"
+                             f"<td>{s['tuned_confidence']:.2f}</td></tr>")
+            parts.append("</table>")
         changed = [s for s in samples if s["base"] != s["tuned"]][:30]
         parts.append(f"<h2>Rows where base and tuned disagree ({len(changed)} shown)</h2>"
                      "<table><tr><th>text</th><th>label</th><th>base</th><th>tuned</th></tr>")
@@ -51,12 +83,18 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
             parts.append(f"<tr><td>{_e(s['text'])}</td><td>{_e(s['label'])}</td><td>{_e(s['base'])}</td><td>{_e(s['tuned'])}</td></tr>")
         parts.append("</table>")
     elif spec.task == "sft":
-        parts.append("<h2>Examples</h2><table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>")
-        ordered = sorted(samples, key=lambda s: s["base_exact"] - s["tuned_exact"])[:30]
+        parts.append("<h2>Examples where base and tuned differ most</h2>"
+                     "<table><tr><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>")
+        ordered = sorted(samples, key=lambda s: -abs(s["tuned_rouge_l"] - s["base_rouge_l"]))[:30]
         for s in ordered:
             parts.append(f"<tr><td>{_e(s['prompt'])}</td><td>{_e(s['reference'])}</td><td>{_e(s['base'])}</td>"
                          f"<td>{_e(s['tuned'])}</td></tr>")
         parts.append("</table>")
+
+    for sliced in metrics.get("slices", []):
+        parts.append(_slice_table(sliced))
+    if metrics.get("bias"):
+        parts.append(_bias_table(metrics["bias"]))
 
     if train_log:
         parts.append("<h2>Training loss</h2><table><tr><th>step</th><th>loss</th><th></th></tr>")
@@ -70,3 +108,42 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(spec.name)} report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path.write_text(page, encoding="utf-8")
+
+
+def _ci(intervals: dict, name: str, which: str) -> str:
+    lo_hi = intervals.get(name, {}).get(which)
+    return f" <small>[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]</small>" if lo_hi else ""
+
+
+def _slice_table(sliced: dict) -> str:
+    metric, worst, gap = sliced["metric"], sliced["worst"], sliced["gap"]
+    rows = [f"<h2>By {_e(sliced['field'])} ({_e(metric)})</h2>"]
+    if gap.get("tuned") is not None:
+        rows.append(f"<p>Tuned: worst slice <b>{_e(worst['tuned'])}</b>, {gap['tuned']:.3f} below the best"
+                    f" (base: {_e(worst['base'])}, gap {gap['base']:.3f}).</p>")
+    rows.append("<table><tr><th>value</th><th>rows</th><th>base</th><th>tuned</th></tr>")
+    for value, s in sliced["slices"].items():
+        mark = " class='worse'" if value == worst.get("tuned") else ""
+        small = " <small>(too few rows to rank)</small>" if s["too_small"] else ""
+        rows.append(f"<tr><td{mark}>{_e(value)}{small}</td><td>{s['rows']}</td><td>{s['base'][metric]:.3f}</td>"
+                    f"<td>{s['tuned'][metric]:.3f}</td></tr>")
+    return "".join(rows) + "</table>"
+
+
+def _bias_table(bias: dict) -> str:
+    rows = ["<h2>Counterfactual bias probes</h2><p>Share of held-out rows whose prediction changes when only the "
+            "terms of a group are swapped (he ↔ she, one first name for another, young ↔ old). Lower is better; "
+            "rows without such a term are not counted.</p><table><tr><th>group</th><th>rows</th>"
+            "<th>base flips</th><th>tuned flips</th><th>example</th></tr>"]
+    for group, tuned in bias.get("tuned", {}).items():
+        base = bias.get("base", {}).get(group, {})
+        example = (tuned.get("examples") or base.get("examples") or [{}])[0]
+        shown = (f"{_e(example['text'])} → {_e(example['counterfactual'])}: {_e(example['prediction'])} → "
+                 f"{_e(example['counterfactual_prediction'])}") if example else ""
+
+        def rate(r: dict) -> str:
+            return "–" if r.get("rate") is None else f"{r['rate']:.3f} ({r['flipped']})"
+
+        rows.append(f"<tr><td>{_e(group)}</td><td>{tuned['rows']}</td><td>{rate(base)}</td><td>{rate(tuned)}</td>"
+                    f"<td>{shown}</td></tr>")
+    return "".join(rows) + "</table>"

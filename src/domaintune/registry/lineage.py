@@ -13,7 +13,8 @@ from domaintune import __version__
 from domaintune.catalog import BaseModel, sha256_file
 from domaintune.recipe import Recipe, dump_recipe
 
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "scikit-learn", "numpy", "gguf")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "scikit-learn", "numpy", "gguf",
+             "datasketch", "phonenumbers")
 
 
 def _version(name: str) -> str | None:
@@ -23,9 +24,10 @@ def _version(name: str) -> str | None:
         return None
 
 
-def build_lineage(spec: Recipe, recipe_path: Path, data_files: list[Path], base: BaseModel, adapter_dir: Path,
-                  run_id: str, timings: dict[str, float]) -> dict:
-    """sha256 of every input and output file, library versions, machine, timings."""
+def build_lineage(spec: Recipe, recipe_path: Path, data_files: list[Path], processed_files: list[Path], base: BaseModel,
+                  adapter_dir: Path, run_id: str, timings: dict[str, float]) -> dict:
+    """sha256 of every input and output file (the data as given and as trained on), library
+    versions, machine, timings."""
     resolved = dump_recipe(spec)
     return {
         "run_id": run_id,
@@ -36,6 +38,8 @@ def build_lineage(spec: Recipe, recipe_path: Path, data_files: list[Path], base:
             "resolved_sha256": hashlib.sha256(resolved.encode("utf-8")).hexdigest(),
         },
         "data": [{"file": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in data_files],
+        "processed_data": [{"file": str(p.relative_to(adapter_dir.parent)), "sha256": sha256_file(p)}
+                           for p in processed_files],
         "base_model": {
             "name": spec.base_model,
             "path": str(base.path),

@@ -14,7 +14,7 @@ INTENDED = {
 }
 
 
-def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> None:
+def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict, data_card: dict) -> None:
     rows = headline(spec.task, metrics["base"], metrics["tuned"])
     intervals = metrics.get("intervals", {})
 
@@ -29,7 +29,7 @@ def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> 
     )
     data_lines = "\n".join(f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"])
     t = spec.training
-    method = f"LoRA (r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout})" if spec.method == "lora" else "full fine-tuning"
+    method = _method(spec)
     base_desc = metrics["base"].get("model", spec.base_model)
     text = f"""# {spec.name}
 
@@ -46,6 +46,7 @@ def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict) -> 
 ## Training data
 {data_lines}
 - {metrics['train_rows']} training rows; {metrics['eval_rows']} held-out rows for evaluation.
+- {_data_steps(data_card)} See `data_card.md`.
 
 ## Results against the base
 Base: {base_desc}. Both evaluated on the same {metrics['eval_rows']} held-out rows; brackets are 95%
@@ -58,6 +59,35 @@ bootstrap intervals (the change: paired, same rows resampled for both).
 ## Limitations
 - Results hold for data like the held-out rows; on a small evaluation set the intervals are wide: read them, not only the point estimates.
 - The model may reproduce biases and errors in the training data; check its outputs before relying on them in decisions about people.
-- No personal-data redaction was applied to the training data in this run: do not train on data you may not process.
+- {_pii_limit(data_card)}
 """
     path.write_text(text, encoding="utf-8")
+
+
+def _data_steps(card: dict) -> str:
+    dropped = card["dropped"]
+    dups = dropped["dedup"]["train"] + dropped["dedup"]["eval"]
+    return (f"Of {card['rows_in']} rows read, {sum(dropped['validate'].values())} were invalid, {dups} duplicates, "
+            f"{sum(dropped['leakage'].values())} eval rows leaked from training (all removed).")
+
+
+def _pii_limit(card: dict) -> str:
+    pii = card["pii"]
+    if not pii["redact"]:
+        return "No personal-data redaction was applied to the training data in this run: do not train on data you may not process."
+    found = ", ".join(f"{n} {t}" for t, n in pii["found"].items()) or "none found"
+    return (f"Personal data was redacted ({pii['mode']}) before training: {found}. Redaction is automatic and "
+            "imperfect (person names especially); review the data card before sharing the model.")
+
+
+def _method(spec: Recipe) -> str:
+    lora = f"r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}"
+    return {
+        "lora": f"LoRA ({lora})",
+        "dora": f"DoRA, weight-decomposed LoRA ({lora})",
+        "qlora": f"QLoRA, LoRA on a 4-bit base ({lora})",
+        "ia3": "IA3 (learned rescaling of activations)",
+        "prompt_tuning": "prompt tuning (learned virtual tokens)",
+        "prefix_tuning": "prefix tuning (learned key/value prefixes)",
+        "full": "full fine-tuning (every weight)",
+    }[spec.method]

@@ -92,6 +92,12 @@ def _batch(rows: list[Tokenized], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def _virtual_tokens(model) -> int:
+    """How many positions prompt tuning puts before the input (its logits cover them too)."""
+    config = getattr(model, "active_peft_config", None)
+    return config.num_virtual_tokens if config is not None and config.peft_type == "PROMPT_TUNING" else 0
+
+
 def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood of the labelled tokens, and their mask.
 
@@ -99,13 +105,15 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     that is the answers, a fraction of each sequence, and the vocabulary projection is the
     largest single matrix product of a small model.
     """
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # a quantised model sits on the GPU
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     keep = mask.any(0).nonzero().squeeze(1)
     full = len(keep) == targets.size(1)
+    offset = _virtual_tokens(model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=0 if full else keep).logits
-    logits = logits[:, :-1] if full else logits
+                   logits_to_keep=0 if full else keep + offset).logits
+    logits = logits[:, offset:-1] if full else logits
     targets, mask = (targets, mask) if full else (targets[:, keep], mask[:, keep])
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                           ignore_index=IGNORE, reduction="none").view_as(targets)
@@ -113,8 +121,9 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, batch_size: int,
-                 console: Console, description: str) -> list[dict]:
-    """Fine-tune on ``rows`` with next-token cross-entropy over the labelled tokens."""
+                 console: Console, description: str, eval_rows: list[Tokenized] | None = None) -> list[dict]:
+    """Fine-tune on ``rows`` with next-token cross-entropy over the labelled tokens; with
+    ``eval_rows``, ``loop.eval_every`` measures the same loss on them."""
     seed_everything(loop.seed)
     lengths = [len(r.input_ids) for r in rows]
 
@@ -126,8 +135,12 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
         nll, mask = _token_losses(m, batch)
         return (nll * mask).sum() / mask.sum().clamp(min=1), int(batch["attention_mask"].sum())
 
+    def eval_loss(m) -> float:
+        return math.log(perplexity(m, tokenizer, eval_rows, batch_size)[0])
+
     groups = param_groups(model.named_parameters(), loop.weight_decay)
-    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, description)
+    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, description,
+                      eval_loss=eval_loss if eval_rows else None)
 
 
 @torch.no_grad()
@@ -171,8 +184,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in idx)
-            input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-            attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+            input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=model.device)
+            attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
+                                     device=model.device)
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=pad)
             for j, i in enumerate(idx):
@@ -182,7 +196,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 
 
 def save_causal(model, tokenizer, directory: Path) -> None:
-    """Write the adapter (LoRA) or the whole model (full), with the tokenizer and its chat template."""
+    """Write the adapter (PEFT methods) or the whole model (full), with the tokenizer and its chat template."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -114,8 +114,11 @@ def train_classifier(
     batch_size: int,
     max_length: int,
     console: Console,
+    eval_texts: list[str] | None = None,
+    eval_labels: list[int] | None = None,
 ) -> list[dict]:
-    """Fine-tune ``model`` (its head already initialised) with cross-entropy."""
+    """Fine-tune ``model`` (its head already initialised) with cross-entropy; with
+    ``eval_texts``/``eval_labels``, ``loop.eval_every`` measures the same loss on them."""
     seed_everything(loop.seed)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
@@ -131,8 +134,13 @@ def train_classifier(
         logits = m(batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits, batch["labels"]), int(batch["attention_mask"].sum())
 
+    def eval_loss(m: MeanPoolClassifier) -> float:
+        proba = predict_proba(m, tokenizer, eval_texts, max_length, batch_size)
+        return float(-np.log(np.clip(proba[np.arange(len(eval_labels)), eval_labels], 1e-12, None)).mean())
+
     groups = param_groups(model.named_parameters(), loop.weight_decay)
-    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, "train")
+    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, "train",
+                      eval_loss=eval_loss if eval_texts else None)
 
 
 @torch.no_grad()
@@ -143,7 +151,7 @@ def predict_proba(model: MeanPoolClassifier, tokenizer, texts: list[str], max_le
 
 
 def save_classifier(model: MeanPoolClassifier, tokenizer, labels: list[str], method: str, directory: Path) -> None:
-    """Write the adapter (LoRA) or the whole encoder (full), the head and the label names."""
+    """Write the adapter (PEFT methods) or the whole encoder (full), the head and the label names."""
     directory.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -154,7 +162,7 @@ def save_classifier(model: MeanPoolClassifier, tokenizer, labels: list[str], met
 
 def load_classifier(directory: Path, encoder_loader) -> tuple[MeanPoolClassifier, list[str]]:
     """Rebuild a saved classifier. ``encoder_loader()`` returns the frozen base encoder (needed
-    for LoRA, where only the adapter was saved)."""
+    for the PEFT methods, where only the adapter was saved)."""
     meta = json.loads((directory / "classifier.json").read_text())
     if meta["method"] == "full":
         from transformers import AutoModel

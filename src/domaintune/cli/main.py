@@ -1,4 +1,4 @@
-"""The ``domaintune`` command. Thin: parse, call the Python API, print."""
+"""The top-level commands: run, quickstart, models, --version."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from domaintune import __version__, catalog
+from domaintune.cli.common import err, fail, out
+from domaintune.cli.data import data_app
+from domaintune.cli.export import export
+from domaintune.cli.serve import serve
+from domaintune.cli.registry import registry_app
 from domaintune.errors import DomaintuneError
 
 app = typer.Typer(
@@ -22,16 +27,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The catalog of packaged base models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-
-out = Console()
-err = Console(stderr=True)
+app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 
 QUICKSTART_RECIPES = ("support-intents", "clinical-triage")
-
-
-def _fail(exc: DomaintuneError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _version(value: bool) -> None:
@@ -62,19 +61,33 @@ def _result_table(result) -> Table:
     return table
 
 
-def _run_and_print(recipe: Path, overrides: dict, output_dir: Optional[Path], as_json: bool, quiet: bool):
+def _run_and_print(recipe: Path, overrides: dict, output_dir: Optional[Path], as_json: bool, quiet: bool,
+                   gates: list[str] | None = None, register: bool = True, registry_url: str | None = None,
+                   resume: Optional[Path] = None):
     from domaintune.pipeline import run as run_recipe
 
     progress = Console(stderr=True, quiet=quiet or as_json)
     try:
-        result = run_recipe(recipe, overrides=overrides, output_dir=output_dir, console=progress)
+        result = run_recipe(recipe, overrides=overrides, output_dir=output_dir, console=progress, gates=gates,
+                            register=register, registry_url=registry_url, resume=resume)
     except DomaintuneError as exc:
-        _fail(exc)
+        fail(exc)
     if not as_json:
         out.print(_result_table(result))
+        print_gates(result.gates)
+        if result.registered:
+            out.print(f"registered: {result.registered} (candidate)")
         out.print(f"report: {result.run_dir / 'report.html'}")
         out.print(str(result.run_dir))
     return result
+
+
+def print_gates(gates: list[dict]) -> None:
+    for gate in gates:
+        if gate["passed"]:
+            out.print(f"[green]gate passed:[/] {gate['expr']}", highlight=False)
+        else:
+            err.print(f"[bold red]gate failed:[/] {'; '.join(gate['failing'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -84,25 +97,33 @@ def run(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where run directories go (default: the recipe's output_dir).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (run_dir, base, tuned, ...) and nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    gate: Annotated[Optional[list[str]], typer.Option("--gate", help="A condition the run must meet, e.g. \"tuned.accuracy >= base.accuracy + 0.05\" (repeatable; adds to evaluate.gates). Exit code 3 when one fails.")] = None,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result in the model registry as a new candidate version.")] = True,
+    registry_url: Annotated[Optional[str], typer.Option("--registry-url", help="Registry database URL (default: $DOMAINTUNE_REGISTRY_URL or sqlite in $DOMAINTUNE_HOME).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a killed run from its last checkpoint: its .partial folder (or the run directory it was to become). Use the same recipe and --set overrides.")] = None,
 ) -> None:
     """Run a recipe end to end: data, base evaluation, fine-tuning, tuned evaluation, run directory.
 
     Ends by printing the run directory (or, with --json, a JSON object with run_dir, base and tuned).
+    Exit codes: 0 done, 2 a problem with the recipe or data, 3 a gate failed (the run directory is
+    still written).
     """
     from domaintune.recipe import parse_override
 
     try:
         overrides = dict(parse_override(item) for item in (set_ or []))
     except DomaintuneError as exc:
-        _fail(exc)
-    result = _run_and_print(recipe, overrides, output_dir, as_json, quiet)
+        fail(exc)
+    result = _run_and_print(recipe, overrides, output_dir, as_json, quiet, gate, register, registry_url, resume)
     if as_json:
         print(json.dumps(result.summary()))
+    if not result.passed:
+        raise typer.Exit(3)
 
 
 def example_recipe(name: str) -> Path:
     """An example recipe shipped with domaintune (in the wheel, or in a source checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the domaintune package folder
     for root in (here / "examples", here.parents[1] / "recipes"):
         candidate = root / name / "recipe.yaml"
         if candidate.is_file():
@@ -121,13 +142,13 @@ def quickstart(
     support-ticket intents on minilm-l6, then clinical-note triage on smollm2-135m-instruct."""
     names = QUICKSTART_RECIPES if only is None else (only,)
     if only is not None and only not in QUICKSTART_RECIPES:
-        _fail(DomaintuneError(f"unknown example {only!r}", hint=f"use one of {', '.join(QUICKSTART_RECIPES)}"))
+        fail(DomaintuneError(f"unknown example {only!r}", hint=f"use one of {', '.join(QUICKSTART_RECIPES)}"))
     summaries = []
     for name in names:
         try:
             recipe = example_recipe(name)
         except DomaintuneError as exc:
-            _fail(exc)
+            fail(exc)
         if not as_json:
             out.rule(f"{name}  ({recipe})")
         summaries.append(_run_and_print(recipe, {}, output_dir, as_json, quiet).summary())
@@ -162,7 +183,7 @@ def models_pull(
     them for fast offline loading in the cache ($DOMAINTUNE_HOME, default ~/.cache/domaintune)."""
     chosen = list(catalog.CATALOG) if all_ else list(names or [])
     if not chosen:
-        _fail(DomaintuneError("name a model to pull", hint=f"e.g. `domaintune models pull {next(iter(catalog.CATALOG))}` or --all"))
+        fail(DomaintuneError("name a model to pull", hint=f"e.g. `domaintune models pull {next(iter(catalog.CATALOG))}` or --all"))
     from domaintune.pipeline import quiet_libraries
 
     quiet_libraries()
@@ -171,8 +192,13 @@ def models_pull(
             with err.status(f"pulling {name}"):
                 model = catalog.pull(name)
         except DomaintuneError as exc:
-            _fail(exc)
+            fail(exc)
         out.print(f"{name}: ready at {model.path}")
+
+
+# listed after run, quickstart and models
+app.command("export")(export)
+app.command("serve")(serve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,140 @@
+"""The data card: where the data came from (with hashes), what each step did to it, and what is
+left: counts that add up, label and length distributions, PII found, duplicates and leakage.
+Written as ``data_card.json`` (for machines) and ``data_card.md`` (for people)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domaintune.catalog import sha256_file
+from domaintune.recipe import Recipe
+
+STEP_TITLES = {
+    "validate": "invalid rows",
+    "clean": "empty after cleaning",
+    "dedup": "duplicates",
+    "leakage": "eval rows duplicating training rows (leakage)",
+    "labels": "eval labels never seen in training",
+}
+
+
+def build_card(*, spec: Recipe, sources: dict[str, tuple[Path, int]], train: list, evaluation: list, dropped: list,
+               pii_counts: dict[str, int], rows_with_pii: int, cleaned_rows: int, label_conflicts: int,
+               split: str) -> dict[str, Any]:
+    """Collect the card as plain data. Raises if the counts do not add up (a bug, not a user error)."""
+    rows_in = sum(n for _, n in sources.values())
+    steps: dict[str, dict[str, int]] = {step: {"train": 0, "eval": 0} for step in STEP_TITLES}
+    reasons: dict[str, Counter] = {step: Counter() for step in STEP_TITLES}
+    for d in dropped:
+        steps[d.step][d.source] += 1
+        reasons[d.step][_reason_kind(d.step, d.reason)] += 1
+    if rows_in != len(dropped) + len(train) + len(evaluation):
+        raise AssertionError(f"data accounting broken: {rows_in} rows in, {len(dropped)} dropped, "
+                             f"{len(train)} + {len(evaluation)} kept")
+    d = spec.data
+    card: dict[str, Any] = {
+        "task": spec.task,
+        "sources": [{"role": role, "file": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                     "rows_in": n} for role, (path, n) in sources.items()],
+        "rows_in": rows_in,
+        "dropped": {step: counts for step, counts in steps.items()},
+        "dropped_total": len(dropped),
+        "reasons": {step: dict(counter.most_common(10)) for step, counter in reasons.items() if counter},
+        "kept": {"train": len(train), "eval": len(evaluation)},
+        "on_bad_rows": d.on_bad_rows,
+        "cleaning": {**d.clean.model_dump(), "rows_changed": cleaned_rows},
+        "pii": {"redact": d.pii.redact, "mode": d.pii.mode if d.pii.redact else None,
+                "types": d.pii.types or "all", "found": dict(sorted(pii_counts.items())), "rows_with_pii": rows_with_pii},
+        "dedup": {**d.dedup.model_dump(), "label_conflicts": label_conflicts,
+                  "leaks": [{"where": x.where, "reason": x.reason} for x in dropped if x.step == "leakage"][:20]},
+        "split": {"by": split, **({"eval_fraction": d.split.eval_fraction} if split != "eval file" else {})},
+        "lengths": {"train": _lengths(train), "eval": _lengths(evaluation)},
+    }
+    if spec.task == "classification":
+        card["labels"] = {"train": dict(sorted(Counter(e.label for e in train).items())),
+                          "eval": dict(sorted(Counter(e.label for e in evaluation).items()))}
+    return card
+
+
+def _reason_kind(step: str, reason: str) -> str:
+    """Reasons without the row they point at, so that they can be counted."""
+    if step in ("dedup", "leakage"):
+        return reason.split(" duplicate")[0] + " duplicate"
+    if step == "labels":
+        return "label never occurs in training"
+    return reason
+
+
+def _texts(example) -> list[str]:
+    if hasattr(example, "messages"):
+        return [m["content"] for m in example.messages]
+    return [example.text]
+
+
+def _lengths(examples: list) -> dict[str, dict[str, float]]:
+    if not examples:
+        return {}
+    chars = np.array([sum(len(t) for t in _texts(e)) for e in examples])
+    words = np.array([sum(len(t.split()) for t in _texts(e)) for e in examples])
+    return {name: {"min": int(v.min()), "mean": round(float(v.mean()), 1), "median": float(np.median(v)),
+                   "p95": float(np.percentile(v, 95)), "max": int(v.max())}
+            for name, v in (("chars", chars), ("words", words))}
+
+
+def _bars(counts: dict[str, int], width: int = 30) -> list[str]:
+    top = max(counts.values(), default=0) or 1
+    return [f"| `{k}` | {v} | `{'█' * max(1, round(width * v / top))}` |" for k, v in counts.items()]
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The card as markdown."""
+    lines = ["# Data card", "", f"Task: {card['task']}. Rows in: {card['rows_in']}; kept for training "
+             f"{card['kept']['train']}, for evaluation {card['kept']['eval']}; dropped {card['dropped_total']}.", "",
+             "## Sources", "", "| role | file | rows | sha256 |", "|---|---|---|---|"]
+    lines += [f"| {s['role']} | `{Path(s['file']).name}` | {s['rows_in']} | `{s['sha256'][:16]}…` |" for s in card["sources"]]
+    lines += ["", "## What each step dropped", "", f"Bad rows: `on_bad_rows: {card['on_bad_rows']}`.", "",
+              "| step | from train file | from eval file |", "|---|---|---|"]
+    lines += [f"| {STEP_TITLES[step]} | {c['train']} | {c['eval']} |" for step, c in card["dropped"].items()]
+    lines += [f"| **kept** | {card['kept']['train']} (train) | {card['kept']['eval']} (eval) |", ""]
+    for step, reasons in card["reasons"].items():
+        lines += [f"{STEP_TITLES[step]}:"] + [f"- {reason}: {n}" for reason, n in reasons.items()] + [""]
+    pii = card["pii"]
+    lines += ["## Personal data", ""]
+    if pii["redact"]:
+        lines += [f"Redacted ({pii['mode']}) in {pii['rows_with_pii']} rows before training and evaluation; "
+                  f"types: {pii['types'] if isinstance(pii['types'], str) else ', '.join(pii['types'])}.", ""]
+        lines += (["| type | found |", "|---|---|"] + [f"| {t} | {n} |" for t, n in pii["found"].items()]
+                  if pii["found"] else ["None found."])
+    else:
+        lines += ["Not redacted (`data.pii.redact: false`)."]
+    dd = card["dedup"]
+    lines += ["", "## Duplicates and leakage", "",
+              f"Exact: {dd['exact']}, near-duplicates: {dd['near']} (Jaccard ≥ {dd['threshold']}). "
+              f"Duplicates with different labels: {dd['label_conflicts']}."]
+    if dd["leaks"]:
+        lines += ["", "Eval rows removed as leaked from training:"] + [f"- {x['where']}: {x['reason']}" for x in dd["leaks"]]
+    c = card["cleaning"]
+    lines += ["", "## Cleaning", "", f"{c['rows_changed']} rows changed: " + ", ".join(
+        k for k in ("unicode_nfc", "strip_control", "normalize_whitespace", "strip_html") if c[k]) + ".", "",
+        "## Split", "", f"By: {card['split']['by']}" + (f", eval fraction {card['split']['eval_fraction']}"
+                                                        if "eval_fraction" in card["split"] else "") + ".", ""]
+    if "labels" in card:
+        for side in ("train", "eval"):
+            lines += [f"## Labels ({side})", "", "| label | rows | |", "|---|---|---|", *_bars(card["labels"][side]), ""]
+    lines += ["## Lengths", "", "| side | unit | min | median | mean | p95 | max |", "|---|---|---|---|---|---|---|"]
+    for side, units in card["lengths"].items():
+        for unit, s in units.items():
+            lines.append(f"| {side} | {unit} | {s['min']} | {s['median']} | {s['mean']} | {s['p95']} | {s['max']} |")
+    if card.get("processed"):
+        lines += ["", "## Processed data", ""] + [f"- `{p['file']}` (sha256 `{p['sha256'][:16]}…`)" for p in card["processed"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(card: dict[str, Any], directory: Path) -> None:
+    (directory / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False), encoding="utf-8")
+    (directory / "data_card.md").write_text(render_card(card), encoding="utf-8")

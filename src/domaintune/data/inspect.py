@@ -1,0 +1,92 @@
+"""What is in a data file or a recipe's data, before any training: the data card computed without
+stopping at bad rows (they are counted instead), plus the schema and token lengths."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from domaintune.data.examples import SFT_SHAPES
+from domaintune.data.prepare import prepare
+from domaintune.data.readers import iter_rows
+from domaintune.errors import DataError
+from domaintune.recipe import Recipe, load_recipe
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def guess_task(path: Path, label_field: str) -> str:
+    """sft when the rows have one of the chat shapes, classification when they have a label
+    column, pretrain otherwise."""
+    first = next((row for row in islice(iter_rows(path), 50) if row.problem is None), None)
+    if first is None:
+        raise DataError("no readable row in the first 50", where=str(path))
+    fields = set(first.fields)
+    if "messages" in fields or {"prompt", "completion"} <= fields or {"instruction", "output"} <= fields:
+        return "sft"
+    return "classification" if label_field in fields else "pretrain"
+
+
+def inspect_data(target: str | Path, *, task: str | None = None, text_field: str = "text", label_field: str = "label",
+                 overrides: dict[str, Any] | None = None, tokenizer=None, console: Console | None = None) -> dict[str, Any]:
+    """Inspect a recipe (its train and eval files, as a run would prepare them) or one data file.
+
+    Bad rows are counted and listed, never raised: ``on_bad_rows`` is taken as ``skip``.
+    ``tokenizer`` (optional) adds token length statistics.
+    """
+    target = Path(target).resolve()
+    if target.suffix.lower() in RECIPE_SUFFIXES:
+        spec = load_recipe(target, {**(overrides or {}), "data.on_bad_rows": "skip"})
+    else:
+        task = task or guess_task(target, label_field)
+        spec = Recipe.model_validate({
+            "name": "inspect", "task": task, "base_model": "none",
+            "data": {"train": str(target), "text_field": text_field, "label_field": label_field, "on_bad_rows": "skip"},
+        })
+        spec = load_recipe_like(spec, overrides)
+    prepared = prepare(spec, target.parent, console)
+    card = dict(prepared.card)
+    card["recipe" if target.suffix.lower() in RECIPE_SUFFIXES else "file"] = str(target)
+    card["schema"] = _schema(prepared.sources)
+    card["problems"] = [{"where": d.where, "step": d.step, "reason": d.reason} for d in prepared.dropped[:50]]
+    if tokenizer is not None:
+        card["tokens"] = {side: _token_lengths(tokenizer, examples)
+                          for side, examples in (("train", prepared.train), ("eval", prepared.eval))}
+    if spec.task == "sft":
+        card["sft_shapes"] = list(SFT_SHAPES)
+    return card
+
+
+def load_recipe_like(spec: Recipe, overrides: dict[str, Any] | None) -> Recipe:
+    """Apply ``--set`` overrides to a recipe built in code (inspecting a bare file)."""
+    if not overrides:
+        return spec
+    from domaintune.recipe import apply_overrides
+
+    return Recipe.model_validate(apply_overrides(spec.model_dump(), dict(overrides)))
+
+
+def _schema(sources: list[Path]) -> dict[str, dict[str, str]]:
+    """Column → the Python types seen in the first 1,000 readable rows, per file."""
+    out = {}
+    for path in sources:
+        types: dict[str, Counter] = {}
+        for row in islice((r for r in iter_rows(path) if r.problem is None), 1000):
+            for key, value in row.fields.items():
+                types.setdefault(key, Counter())[type(value).__name__] += 1
+        out[path.name] = {key: "/".join(t for t, _ in counter.most_common()) for key, counter in types.items()}
+    return out
+
+
+def _token_lengths(tokenizer, examples: list) -> dict[str, float]:
+    if not examples:
+        return {}
+    texts = ["\n".join(m["content"] for m in e.messages) if hasattr(e, "messages") else e.text for e in examples]
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    return {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}

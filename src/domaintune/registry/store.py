@@ -1,0 +1,352 @@
+"""The model registry: versions per model name, their stages, lineage and audit log.
+
+Stages: candidate → staging → production → archived, one production version per name. Every
+change is one transaction under the registry's write lock, audit entry included, so concurrent
+processes never interleave half-done changes or fork the audit chain.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from domaintune.registry import audit as audit_log
+from domaintune.registry.artifacts import check_artifacts, read_run_dir
+from domaintune.registry.database import Database
+from domaintune.registry.diff import Change, diff_records
+from domaintune.registry.errors import PromotionRefused, RegistryError
+from domaintune.registry.policy import Decision, check_promotion, headline_metric
+from domaintune.registry.schema import STAGES, ArtifactRow, RegisteredModel, VersionRow
+
+TARGET_STAGES = ("staging", "production", "archived")
+
+
+def current_actor() -> str:
+    """Who is acting: ``$DOMAINTUNE_USER``, else the OS user name."""
+    try:
+        return os.environ.get("DOMAINTUNE_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return f"uid-{os.getuid()}"
+
+
+def parse_ref(ref: str) -> tuple[str, int | str | None]:
+    """``NAME``, ``NAME:3`` or ``NAME:production`` → (name, 3 / "production" / None)."""
+    name, _, version = ref.partition(":")
+    if not name:
+        raise RegistryError(f"no model name in {ref!r}", hint="write NAME or NAME:VERSION, e.g. support-intents:3")
+    if not version:
+        return name, None
+    if version.isdigit():
+        return name, int(version)
+    if version in STAGES:
+        return name, version
+    raise RegistryError(f"bad version {version!r} in {ref!r}",
+                        hint=f"a version is a number or a stage ({', '.join(STAGES)})")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered run of a model, as recorded at registration (plus its current stage)."""
+
+    name: str
+    version: int
+    stage: str
+    task: str
+    run_dir: Path
+    run_id: str
+    registered_at: str
+    registered_by: str
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    artifacts: dict[str, str]  # relative path → sha256 at registration
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def headline(self) -> tuple[str, float | None]:
+        """The task's headline metric and the tuned model's value of it."""
+        metric = headline_metric(self.task)
+        return metric, self.metrics["tuned"].get(metric)
+
+    @classmethod
+    def from_row(cls, row: VersionRow) -> ModelVersion:
+        return cls(row.name, row.version, row.stage, row.task, Path(row.run_dir), row.run_id, row.registered_at,
+                   row.registered_by, row.recipe, row.metrics, row.lineage, {a.path: a.sha256 for a in row.artifacts})
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A stage change that happened: the version after it, what the policy said, and the version
+    it replaced in production (if any)."""
+
+    version: ModelVersion
+    decision: Decision
+    forced: bool
+    replaced: ModelVersion | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactCheck:
+    ref: str
+    run_dir: Path
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Artifact checks of the versions asked for, and the audit chain's check."""
+
+    versions: list[ArtifactCheck]
+    audit: audit_log.AuditReport
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not any(check.problems for check in self.versions)
+
+
+class Registry:
+    """The registry at ``url`` (default: ``$DOMAINTUNE_REGISTRY_URL``, else
+    ``sqlite:///$DOMAINTUNE_HOME/registry.db``), created and migrated on first use.
+
+    ``actor`` arguments default to ``current_actor()``.
+    """
+
+    def __init__(self, url: str | None = None):
+        self.db = Database(url)
+        self.url = self.db.url
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list(self, name: str | None = None, stage: str | None = None) -> list[ModelVersion]:
+        """All versions, by name then version; optionally of one name or in one stage."""
+        query = select(VersionRow).order_by(VersionRow.name, VersionRow.version)
+        if name is not None:
+            query = query.where(VersionRow.name == name)
+        if stage is not None:
+            query = query.where(VersionRow.stage == _stage(stage))
+        with self.db.reading() as session:
+            return [ModelVersion.from_row(row) for row in session.scalars(query)]
+
+    def get(self, name: str, version: int | str | None = None) -> ModelVersion:
+        """A version by number, the newest one in a stage (``"production"``, ``"staging"``, ...),
+        or the newest of all when ``version`` is None."""
+        with self.db.reading() as session:
+            return ModelVersion.from_row(_find(session, name, version))
+
+    def diff(self, a: ModelVersion, b: ModelVersion) -> list[Change]:
+        """What differs between two versions: stage, task and run directory; the metrics (eval rows,
+        base, tuned, intervals, gates); the recipe; the lineage (hashes, libraries, machine, timings)."""
+
+        def record(v: ModelVersion) -> dict[str, dict[str, Any]]:
+            return {"version": {"stage": v.stage, "task": v.task, "run_dir": str(v.run_dir)},
+                    "metrics": {k: v.metrics.get(k) for k in ("eval_rows", "base", "tuned", "intervals", "gates")},
+                    "recipe": v.recipe, "lineage": v.lineage}
+
+        return diff_records(record(a), record(b))
+
+    def audit(self, name: str | None = None) -> list[audit_log.AuditEntry]:
+        """The audit log, oldest first; with ``name``, only the entries about that model."""
+        query = select(audit_log.AuditRow).order_by(audit_log.AuditRow.seq)
+        if name is not None:
+            target = audit_log.AuditRow.target
+            query = query.where((target == name) | target.startswith(f"{name}:", autoescape=True))
+        with self.db.reading() as session:
+            return [audit_log.AuditEntry.from_row(row) for row in session.scalars(query)]
+
+    def verify_audit(self) -> audit_log.AuditReport:
+        """Walk the audit chain; see ``domaintune.registry.audit`` for what is detected."""
+        with self.db.reading() as session:
+            return audit_log.verify_chain(session)
+
+    def verify(self, name: str | None = None, version: int | str | None = None) -> VerifyReport:
+        """Recompute the sha256 of every recorded file of the chosen versions (all by default)
+        and check the audit chain."""
+        if version is not None:
+            chosen = [self.get(name, version)]
+        else:
+            chosen = self.list(name)
+            if name is not None and not chosen:
+                raise _unknown(name)
+        checks = [ArtifactCheck(v.ref, v.run_dir, check_artifacts(v.run_dir, v.artifacts)) for v in chosen]
+        return VerifyReport(checks, self.verify_audit())
+
+    # -- changing --------------------------------------------------------------------------
+
+    def register(self, run_dir: str | Path, *, actor: str | None = None) -> ModelVersion:
+        """Record a finished run directory as the next candidate version of its recipe's name."""
+        run = read_run_dir(run_dir)  # hashing happens before taking the write lock
+        with self.db.writing() as session:
+            model = session.get(RegisteredModel, run.name)
+            if model is None:
+                model = RegisteredModel(name=run.name, created_at=_now(), last_version=0)
+                session.add(model)
+            twin = session.scalar(select(VersionRow).where(VersionRow.name == run.name, VersionRow.run_id == run.run_id))
+            if twin is not None:
+                raise RegistryError(f"run {run.run_id} is already registered as {twin.name}:{twin.version}",
+                                    where=str(run.path))
+            model.last_version += 1
+            row = VersionRow(name=run.name, version=model.last_version, stage="candidate", run_dir=str(run.path),
+                             run_id=run.run_id, task=run.task, registered_at=_now(), registered_by=actor or current_actor(),
+                             recipe=run.recipe, metrics=run.metrics, lineage=run.lineage,
+                             artifacts=[ArtifactRow(path=a.path, sha256=a.sha256, bytes=a.bytes) for a in run.artifacts])
+            session.add(row)
+            session.flush()
+            audit_log.append(session, actor=row.registered_by, action="register", target=f"{row.name}:{row.version}",
+                             reason=None, details={"run_dir": row.run_dir, "run_id": row.run_id,
+                                                   "artifacts": {a.path: a.sha256 for a in run.artifacts}})
+            registered = ModelVersion.from_row(row)
+        return registered
+
+    def promote(self, name: str, version: int | str, to: str, *, actor: str | None = None, force: bool = False,
+                reason: str | None = None) -> Promotion:
+        """Move a version to ``to`` (staging, production or archived) if the policy allows it
+        (``domaintune.registry.policy``); a production version it replaces is archived.
+
+        Raises ``PromotionRefused`` with the policy's reasons; ``force=True`` overrides them and
+        needs a ``reason``, written to the audit log with the overridden refusals."""
+        to = _stage(to)
+        if to not in TARGET_STAGES:
+            raise RegistryError(f"cannot promote to {to}", hint=f"promote to {', '.join(TARGET_STAGES)}")
+        if force and not (reason and reason.strip()):
+            raise RegistryError("--force needs a justification", hint="add --reason '<why the policy is overridden>'")
+        with self.db.writing() as session:
+            row = _find(session, name, version)
+            ref = f"{row.name}:{row.version}"
+            if row.stage == to:
+                raise RegistryError(f"{ref} is already {to}")
+            if row.stage == "production" and to != "archived":
+                raise RegistryError(f"{ref} is in production", hint=f"promote another version, or `rollback {row.name}`")
+            current = _production(session, row.name) if to == "production" else None
+            decision = Decision() if to == "archived" else check_promotion(
+                row.stage, to, row.metrics, (f"{current.name}:{current.version}", current.metrics) if current else None)
+            if not decision.allowed and not force:
+                raise PromotionRefused(ref, to, decision.refusals)
+            details: dict[str, Any] = {"from": row.stage, "to": to, "checks": decision.passed}
+            if decision.refusals:
+                details["forced_over"] = decision.refusals
+            replaced = None
+            if current is not None:
+                current.stage = "archived"  # keeps production_seq: rollback returns to it
+                details["replaced"] = f"{current.name}:{current.version}"
+                session.flush()  # before the new one, or the one-production index would trip
+                replaced = ModelVersion.from_row(current)
+            row.stage = to
+            entry = audit_log.append(session, actor=actor or current_actor(), action="promote", target=ref,
+                                     reason=reason, details=details)
+            row.production_seq = entry.seq if to == "production" else None
+            promoted = ModelVersion.from_row(row)
+        return Promotion(promoted, decision, bool(decision.refusals), replaced)
+
+    def rollback(self, name: str, *, actor: str | None = None, reason: str) -> ModelVersion:
+        """Archive the production version of ``name`` and restore the one it replaced (the most
+        recently promoted version that is archived and did not leave production by a rollback)."""
+        _require_reason(reason, "rollback")
+        with self.db.writing() as session:
+            current = _production(session, name)
+            previous = session.scalar(
+                select(VersionRow).where(VersionRow.name == name, VersionRow.stage == "archived",
+                                         VersionRow.production_seq.is_not(None))
+                .order_by(VersionRow.production_seq.desc()).limit(1))
+            if previous is None:
+                if current is None and not session.get(RegisteredModel, name):
+                    raise _unknown(name)
+                raise RegistryError(f"{name} has no earlier production version to roll back to")
+            if current is not None:
+                current.stage, current.production_seq = "archived", None
+                session.flush()
+            previous.stage = "production"
+            audit_log.append(session, actor=actor or current_actor(), action="rollback", target=name, reason=reason,
+                             details={"from": current.version if current else None, "to": previous.version})
+            restored = ModelVersion.from_row(previous)
+        return restored
+
+    def delete(self, name: str, version: int | str, *, actor: str | None = None, reason: str) -> ModelVersion:
+        """Remove a version that is not in production from the registry (its files stay on disk);
+        the audit log keeps its record."""
+        _require_reason(reason, "delete")
+        with self.db.writing() as session:
+            row = _find(session, name, version)
+            deleted = ModelVersion.from_row(row)
+            if row.stage == "production":
+                raise RegistryError(f"{deleted.ref} is in production", hint="promote another version or roll back first")
+            session.delete(row)
+            audit_log.append(session, actor=actor or current_actor(), action="delete", target=deleted.ref,
+                             reason=reason, details={"stage": row.stage, "run_dir": row.run_dir, "run_id": row.run_id})
+        return deleted
+
+    def record(self, action: str, target: str, *, actor: str | None = None, reason: str | None = None,
+               details: dict[str, Any] | None = None) -> audit_log.AuditEntry:
+        """Append an audit entry for something done outside the registry, such as a deployment
+        (``action="deploy"``, ``target="name:version"``)."""
+        if action not in audit_log.ACTIONS:
+            raise RegistryError(f"unknown audit action {action!r}", hint=f"use one of {', '.join(audit_log.ACTIONS)}")
+        with self.db.writing() as session:
+            row = audit_log.append(session, actor=actor or current_actor(), action=action, target=target,
+                                   reason=reason, details=details or {})
+            entry = audit_log.AuditEntry.from_row(row)
+        return entry
+
+
+def register_run(run_dir: str | Path, registry_url: str | None = None) -> ModelVersion:
+    """Register a finished run directory as a new candidate version (what ``domaintune run`` does)."""
+    with Registry(registry_url) as registry:
+        return registry.register(run_dir)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise RegistryError(f"unknown stage {stage!r}", hint=f"use one of {', '.join(STAGES)}")
+    return stage
+
+
+def _require_reason(reason: str | None, what: str) -> None:
+    if not (reason and reason.strip()):
+        raise RegistryError(f"a {what} needs a reason", hint="add --reason '<why>' (it goes into the audit log)")
+
+
+def _unknown(name: str) -> RegistryError:
+    return RegistryError(f"no model named {name!r} in the registry", hint="`domaintune registry list` shows the names")
+
+
+def _production(session: Session, name: str) -> VersionRow | None:
+    return session.scalar(select(VersionRow).where(VersionRow.name == name, VersionRow.stage == "production"))
+
+
+def _find(session: Session, name: str, version: int | str | None) -> VersionRow:
+    query = select(VersionRow).where(VersionRow.name == name)
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if isinstance(version, int):
+        query = query.where(VersionRow.version == version)
+    elif version is not None:
+        query = query.where(VersionRow.stage == _stage(version))
+    row = session.scalar(query.order_by(VersionRow.version.desc()).limit(1))
+    if row is not None:
+        return row
+    if session.get(RegisteredModel, name) is None:
+        raise _unknown(name)
+    known = ", ".join(str(v) for v in session.scalars(select(VersionRow.version).where(VersionRow.name == name)))
+    raise RegistryError(f"{name} has no version {version}", hint=f"its versions: {known or 'none'}")

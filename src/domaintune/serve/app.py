@@ -1,0 +1,368 @@
+"""The HTTP API: OpenAI's chat completions, completions and models endpoints, plus classify,
+feedback, health and Prometheus metrics. ``create_app(ServeConfig(...))`` builds it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from domaintune.serve.auth import ApiKey, KeyRing, check_scope
+from domaintune.serve.batcher import END
+from domaintune.serve.errors import ApiError, error_body, error_response
+from domaintune.serve.explain import occlusion
+from domaintune.serve.feedback import FeedbackStore, Response as Answered, ResponseLog, chat_prompt
+from domaintune.serve.generation import Row
+from domaintune.serve.limits import BodySizeLimit
+from domaintune.serve.metrics import CONTENT_TYPE, Metrics
+from domaintune.serve.pool import ModelPool, Served
+from domaintune.serve.schemas import ChatCompletionRequest, ClassifyRequest, CompletionRequest, FeedbackRequest
+
+log = logging.getLogger("domaintune.serve")
+
+MAX_CLASSIFY_INPUTS = 256
+
+
+@dataclass
+class ServeConfig:
+    """What ``domaintune serve`` was asked to do."""
+
+    models: dict[str, Path] = field(default_factory=dict)  # name → run directory
+    registry_url: str | None = None
+    registry_stage: str | None = None  # follow the registry: serve every name's version in this stage
+    poll_seconds: float = 30.0
+    api_keys: Path | None = None  # None: no authentication
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_request_bytes: int = 1_000_000
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 512  # the largest max_tokens a request may ask for, and the chat default
+    redact_pii: bool = False  # redact prompts before the model sees them and answers before they leave
+    log_bodies: bool = False
+    feedback_db: Path | None = None
+    response_log_size: int = 10_000
+
+
+class Server:
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.keys = KeyRing.from_file(config.api_keys) if config.api_keys else KeyRing(None)
+        self.pool = ModelPool(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                              on_batch=self.metrics.batch_rows.observe)
+        for name, run_dir in config.models.items():
+            self.pool.load(name, run_dir)
+        self.metrics.models.set(len(self.pool.routes))
+        self.responses = ResponseLog(config.response_log_size)
+        self.feedback = FeedbackStore(config.feedback_db)
+        self.redactor = None
+        if config.redact_pii:
+            from domaintune.data.pii import PiiRedactor
+
+            self.redactor = PiiRedactor()
+
+    def redact(self, text: str) -> str:
+        return self.redactor.redact(text)[0] if self.redactor else text
+
+    def acquire(self, request: Request, key: ApiKey | None, name: str, *, generates: bool) -> Served:
+        """The model a request names, checked against the key's scope; release it when done."""
+        request.state.model = name
+        check_scope(key, name)
+        served = self.pool.acquire(name)
+        if served is None:
+            raise ApiError(404, f"the model {name!r} is not served here; GET /v1/models lists them",
+                           code="model_not_found", param="model")
+        if served.generates != generates:
+            self.pool.release(served)
+            other = "/v1/chat/completions or /v1/completions" if served.generates else "/v1/classify"
+            raise ApiError(400, f"the model {name!r} is a {served.task} model: use {other}", param="model")
+        return served
+
+    def row(self, served: Served, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest,
+            param: str) -> Row:
+        """A generation row for the request, within the server's limits."""
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
+                           f"{self.config.max_prompt_tokens}", code="context_length_exceeded", param=param)
+        room = served.backend.max_context - len(prompt_ids)
+        asked = body.token_limit
+        if asked is not None and asked > self.config.max_tokens:
+            raise ApiError(400, f"max_tokens is {asked}; this server allows at most {self.config.max_tokens}",
+                           param="max_tokens")
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(400, f"the model's context is {served.backend.max_context} tokens: {len(prompt_ids)} in "
+                           f"the prompt leave room for {max(room, 0)}", code="context_length_exceeded", param=param)
+        return Row(prompt_ids=prompt_ids, max_new_tokens=min(asked or self.config.max_tokens, room),
+                   adapter=served.adapter, temperature=body.temperature, top_p=body.top_p)
+
+    async def pieces(self, served: Served, row: Row, cancel: threading.Event) -> AsyncIterator[str]:
+        """The answer's text as it is generated, in pieces; at the end ``row.finish_reason`` and
+        ``row.produced`` are set."""
+        row.cancelled = cancel.is_set
+        tokens = served.backend.batcher.submit(row)
+        produced: list[int] = []
+        sent = ""
+        while (item := await tokens.get()) is not END:
+            if isinstance(item, Exception):
+                log.error("generation failed for %s", served.name, exc_info=item)
+                raise ApiError(500, "generation failed; the server log has the details", code="server_error")
+            produced.append(item)
+            text = served.tokenizer.decode(produced, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        self.metrics.prompt_tokens.labels(served.name).inc(len(row.prompt_ids))
+        self.metrics.completion_tokens.labels(served.name).inc(len(produced))
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The FastAPI app serving ``config``; loads its models now (raises ``DomaintuneError`` for a
+    model or keys file that cannot be used) and follows the registry while it runs."""
+    server = Server(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        watcher_task = None
+        if config.registry_stage:
+            from domaintune.serve.reload import RegistryWatcher
+
+            watcher = RegistryWatcher(server.pool, config.registry_url, config.registry_stage, config.poll_seconds,
+                                      server.metrics)
+            app.state.watcher = watcher
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, watcher.poke)
+            watcher_task = asyncio.create_task(watcher.run())
+        yield
+        if watcher_task is not None:
+            watcher_task.cancel()
+            await asyncio.gather(watcher_task, return_exceptions=True)
+        await server.pool.close()
+        server.feedback.close()
+
+    app = FastAPI(title="domaintune", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    _install_errors(app)
+    _install_observability(app, server)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+
+    def caller(request: Request) -> ApiKey | None:
+        return server.keys.authenticate(request.headers.get("authorization"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": len(server.pool.routes)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(key: ApiKey | None = Depends(caller)) -> dict:
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": s.created, "owned_by": "domaintune", "task": s.task,
+             "base_model": s.base_model, "version": s.version}
+            for s in server.pool.list() if key is None or key.may_call(s.name)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(caller)):
+        from domaintune.train.causal import render
+
+        served = server.acquire(request, key, body.model, generates=True)
+        try:
+            messages = [{"role": m.role, "content": server.redact(m.content)} for m in body.messages]
+            text = render(served.tokenizer, messages, add_generation_prompt=True)
+            row = server.row(served, served.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
+        except BaseException:
+            server.pool.release(served)
+            raise
+        return await _answer(server, served, row, body, "chatcmpl-", chat_prompt(messages), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, key: ApiKey | None = Depends(caller)):
+        served = server.acquire(request, key, body.model, generates=True)
+        try:
+            prompt = server.redact(body.prompt)
+            row = server.row(served, served.tokenizer(prompt)["input_ids"], body, "prompt")
+        except BaseException:
+            server.pool.release(served)
+            raise
+        return await _answer(server, served, row, body, "cmpl-", prompt, chat=False)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request, key: ApiKey | None = Depends(caller)) -> dict:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > MAX_CLASSIFY_INPUTS:
+            raise ApiError(400, f"at most {MAX_CLASSIFY_INPUTS} inputs per request", param="input")
+        served = server.acquire(request, key, body.model, generates=False)
+        try:
+            texts = [server.redact(t) for t in texts]
+            loop = asyncio.get_running_loop()
+            predict = lambda batch: server.pool.classify(served, batch)  # noqa: E731
+            proba = await loop.run_in_executor(server.pool.executor, predict, texts)
+            data = []
+            for i, (text, p) in enumerate(zip(texts, proba)):
+                best = int(p.argmax())
+                item = {"index": i, "label": served.labels[best], "score": float(p[best]),
+                        "probabilities": {label: float(x) for label, x in zip(served.labels, p)}}
+                if body.explain:
+                    item["explanation"] = await loop.run_in_executor(
+                        server.pool.executor, occlusion, predict, text, best, float(p[best]))
+                data.append(item)
+        finally:
+            server.pool.release(served)
+        response_id = "clf-" + secrets.token_hex(12)
+        single = isinstance(body.input, str)
+        labels = [d["label"] for d in data]
+        server.responses.add(response_id, Answered(served.name, texts[0] if single else json.dumps(texts),
+                                                   labels[0] if single else json.dumps(labels)))
+        if config.log_bodies:
+            log.info("classify %s %s: %r -> %r", response_id, served.name, texts, labels)
+        return {"id": response_id, "object": "classification", "created": int(time.time()), "model": served.name,
+                "data": data}
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, request: Request, key: ApiKey | None = Depends(caller)) -> dict:
+        answered = server.responses.get(body.response_id)
+        if answered is None:
+            raise ApiError(404, f"no recent response with id {body.response_id!r}", code="response_not_found",
+                           param="response_id")
+        request.state.model = answered.model
+        check_scope(key, answered.model)
+        correction = server.redact(body.correction) if body.correction is not None else None
+        record = await asyncio.to_thread(server.feedback.add, body.response_id, answered, rating=body.rating,
+                                         correction=correction, reviewer=body.reviewer or (key.name if key else None),
+                                         comment=body.comment)
+        server.metrics.feedback.labels(answered.model).inc()
+        return {"id": record.id, "object": "feedback", "response_id": record.response_id, "model": record.model,
+                "created_at": record.created_at}
+
+    return app
+
+
+async def _answer(server: Server, served: Served, row: Row, body, prefix: str, prompt: str, *, chat: bool):
+    """Generate for one request: a JSON body, or server-sent events when ``body.stream``."""
+    response_id = prefix + secrets.token_hex(12)
+    created = int(time.time())
+    cancel = threading.Event()
+    kind = "chat.completion" if chat else "text_completion"
+
+    def finish(answer: str) -> dict:
+        server.responses.add(response_id, Answered(served.name, prompt, answer))
+        if server.config.log_bodies:
+            log.info("%s %s: %r -> %r", response_id, served.name, prompt, answer)
+        return {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.produced,
+                "total_tokens": len(row.prompt_ids) + row.produced}
+
+    if not body.stream:
+        try:
+            answer = server.redact("".join([piece async for piece in server.pieces(served, row, cancel)]))
+        finally:
+            cancel.set()
+            server.pool.release(served)
+        usage = finish(answer)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": row.finish_reason}
+                  if chat else {"index": 0, "text": answer, "finish_reason": row.finish_reason, "logprobs": None})
+        return {"id": response_id, "object": kind, "created": created, "model": served.name, "choices": [choice],
+                "usage": usage}
+
+    def event(choices: list[dict], **extra) -> str:
+        payload = {"id": response_id, "object": f"{kind}.chunk" if chat else kind, "created": created,
+                   "model": served.name, "choices": choices, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def chunk(content: str | None, finish_reason: str | None = None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": ""} if first else {}) | (
+                {"content": content} if content is not None else {})
+            return event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
+        return event([{"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}])
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk(None, first=True)
+            pieces = []
+            async for piece in server.pieces(served, row, cancel):
+                pieces.append(piece)
+                if server.redactor is None:  # redaction needs the whole answer: it is sent at the end
+                    yield chunk(piece)
+            answer = "".join(pieces)
+            if server.redactor is not None:
+                answer = server.redact(answer)
+                yield chunk(answer)
+            usage = finish(answer)
+            yield chunk(None, row.finish_reason)
+            if body.stream_options and body.stream_options.include_usage:
+                yield event([], usage=usage)
+            yield "data: [DONE]\n\n"
+        except ApiError as exc:
+            yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
+        finally:
+            cancel.set()  # a client that left stops its row at the next step
+            server.pool.release(served)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        if first["type"] == "json_invalid":
+            return error_response(ApiError(400, "the request body is not valid JSON", code="invalid_json"))
+        if tuple(first["loc"]) == ("body",):
+            return error_response(ApiError(400, "the request body must be a JSON object", code="invalid_request"))
+        loc = [str(part) for part in first["loc"] if part != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return error_response(ApiError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+def _install_observability(app: FastAPI, server: Server) -> None:
+    """One log line and the metrics per request; bodies are logged only with ``log_bodies``."""
+    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify",
+             "/v1/feedback"}
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        server.metrics.inflight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            server.metrics.inflight.dec()
+        elapsed = time.perf_counter() - start
+        # labels only from known values: a client must not be able to mint new time series
+        endpoint = request.url.path if request.url.path in paths else "other"
+        model = getattr(request.state, "model", "")
+        model = model if model in server.pool.routes or not model else "other"
+        server.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
+        server.metrics.latency.labels(endpoint).observe(elapsed)
+        log.info("%s %s %d model=%s %.3fs", request.method, request.url.path, response.status_code, model or "-",
+                 elapsed)
+        return response

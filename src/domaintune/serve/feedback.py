@@ -1,0 +1,123 @@
+"""Feedback on served answers, kept for the update loop.
+
+The server remembers its recent responses (``ResponseLog``, bounded) so that feedback can name
+a response id alone; each feedback record is appended to a SQLite file (``FeedbackStore``) with
+the model, prompt and answer it is about. Records are never changed or deleted here.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from domaintune import catalog
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the server answered: the model name, the prompt (text, or chat messages as JSON) and
+    the answer, as the client saw them (after redaction, where it is on)."""
+
+    model: str
+    prompt: str
+    answer: str
+
+
+class ResponseLog:
+    """The last ``capacity`` responses by id; older ones are forgotten."""
+
+    def __init__(self, capacity: int = 10_000):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Response] = OrderedDict()
+
+    def add(self, response_id: str, response: Response) -> None:
+        self._items[response_id] = response
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> Response | None:
+        return self._items.get(response_id)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One piece of feedback; ``rating`` (1 worst to 5 best) and ``correction`` (the answer the
+    model should have given) are each optional, but not both."""
+
+    id: str
+    response_id: str
+    model: str
+    prompt: str
+    answer: str
+    rating: int | None
+    correction: str | None
+    reviewer: str | None
+    comment: str | None
+    created_at: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id TEXT PRIMARY KEY,
+    response_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    rating INTEGER,
+    correction TEXT,
+    reviewer TEXT,
+    comment TEXT,
+    created_at TEXT NOT NULL
+)
+"""
+
+
+def default_feedback_path() -> Path:
+    return catalog.home() / "feedback.db"
+
+
+class FeedbackStore:
+    """Append-only feedback records in a SQLite file (created on first use)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_feedback_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers (the update loop) never block the server
+        self._db.execute(_SCHEMA)
+
+    def add(self, response_id: str, response: Response, *, rating: int | None = None, correction: str | None = None,
+            reviewer: str | None = None, comment: str | None = None) -> FeedbackRecord:
+        """Append feedback about ``response`` and return the stored record."""
+        record = FeedbackRecord(id="fb-" + secrets.token_hex(12), response_id=response_id, model=response.model,
+                                prompt=response.prompt, answer=response.answer, rating=rating, correction=correction,
+                                reviewer=reviewer, comment=comment,
+                                created_at=datetime.now(timezone.utc).isoformat())
+        row = asdict(record)
+        with self._lock:
+            self._db.execute(f"INSERT INTO feedback ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             list(row.values()))
+        return record
+
+    def records(self, model: str | None = None) -> list[FeedbackRecord]:
+        """All records, oldest first; optionally those about one model."""
+        query = "SELECT * FROM feedback" + (" WHERE model = ?" if model else "") + " ORDER BY created_at, rowid"
+        with self._lock:
+            cursor = self._db.execute(query, [model] if model else [])
+            columns = [c[0] for c in cursor.description]
+            return [FeedbackRecord(**dict(zip(columns, row))) for row in cursor.fetchall()]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def chat_prompt(messages: list[dict[str, str]]) -> str:
+    """How a chat prompt is stored: its messages as JSON."""
+    return json.dumps(messages, ensure_ascii=False)

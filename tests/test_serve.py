@@ -1,0 +1,406 @@
+"""The server: the official openai client against a real server process, and in-process checks
+of batching across adapters, auth, limits, feedback, privacy and following the registry.
+
+Two LoRA adapters of one tiny base are trained on different colour answers; the server must
+give each adapter's own answers, the same as the adapter loaded alone gives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from conftest import COLOURS, ticket_rows, write_csv, write_jsonl, write_recipe
+from domaintune import run
+from domaintune.serve.app import ServeConfig, create_app
+from domaintune.serve.auth import KeyRing, hash_key
+from domaintune.serve.feedback import FeedbackStore
+
+THINGS = sorted(COLOURS)
+QUESTIONS = [f"what is the colour of {t} ?" for t in THINGS]
+FULL_KEY, SCOPED_KEY = "key-full", "key-scoped"
+
+
+def _colour_recipe(folder: Path, base: Path, shift: int) -> Path:
+    """A recipe teaching the colours shifted by ``shift`` (so that two shifts disagree)."""
+    colours = [COLOURS[t] for t in THINGS]
+    answer = {t: colours[(i + shift) % len(colours)] for i, t in enumerate(THINGS)}
+    rng = random.Random(shift)
+    rows = [{"prompt": f"what is the colour of {t} ?", "completion": f"{answer[t]} ."}
+            for t in (rng.choice(THINGS) for _ in range(60))]
+    write_jsonl(folder / "data" / "colours.jsonl", rows)
+    return write_recipe(folder / "recipe.yaml", {
+        "name": "colours", "task": "sft", "base_model": str(base), "method": "lora",
+        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.2, "dedup": {"exact": False, "near": False}},
+        "training": {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
+        "evaluate": {"max_new_tokens": 4},
+    })
+
+
+@pytest.fixture(scope="module")
+def colour_runs(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+    """Two versions of the model "colours", trained on different answers."""
+    root = tmp_path_factory.mktemp("colour-runs")
+    return {key: run(_colour_recipe(root / key, tiny_llama, shift), output_dir=root / key / "runs").run_dir
+            for key, shift in (("a", 0), ("b", 1))}
+
+
+@pytest.fixture(scope="module")
+def intent_run(tmp_path_factory, tiny_bert) -> Path:
+    root = tmp_path_factory.mktemp("intent-run")
+    write_csv(root / "data" / "tickets.csv", ticket_rows())
+    recipe = write_recipe(root / "recipe.yaml", {
+        "name": "intents", "task": "classification", "base_model": str(tiny_bert), "method": "lora",
+        "data": {"train": "data/tickets.csv"},
+        "training": {"epochs": 4, "learning_rate": 1e-2, "batch_size": 16, "max_seq_length": 32},
+    })
+    return run(recipe, output_dir=root / "runs").run_dir
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": [
+        {"name": "ops", "sha256": hash_key(FULL_KEY), "models": ["*"]},
+        {"name": "team-a", "sha256": hash_key(SCOPED_KEY), "models": ["colours-a"], "rate_limit_per_minute": 3},
+    ]}))
+    return path
+
+
+def reference_answers(run_dir: Path, questions: list[str]) -> list[str]:
+    """What the adapter gives loaded alone, through the training code's greedy generation."""
+    from rich.console import Console
+
+    from domaintune import catalog
+    from domaintune.train.causal import generate, load_causal, render
+
+    base = catalog.resolve(yaml.safe_load((run_dir / "recipe.yaml").read_text())["base_model"])
+    tokenizer = catalog.load_tokenizer(base)
+    model = load_causal(run_dir / "adapter", lambda: catalog.load_causal_lm(base))
+    prompts = [tokenizer(render(tokenizer, [{"role": "user", "content": q}], True), add_special_tokens=False)["input_ids"]
+               for q in questions]
+    return generate(model, tokenizer, prompts, 4, 1, Console(quiet=True), "reference")
+
+
+def chat_body(model: str, question: str, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 4,
+            **extra}
+
+
+# -- the openai client against a real server process -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(colour_runs, intent_run, keys_file, tmp_path_factory):
+    port = _free_port()
+    launcher = "import typer; from domaintune.cli.serve import serve; typer.run(serve)"
+    folder = tmp_path_factory.mktemp("server")
+    feedback_db, log = folder / "feedback.db", open(folder / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", launcher, "--port", str(port), "--api-keys", str(keys_file),
+         "--model", f"colours-a={colour_runs['a']}", "--model", f"colours-b={colour_runs['b']}",
+         "--model", f"intents={intent_run}", "--feedback-db", str(feedback_db)],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if process.poll() is not None:
+                pytest.fail(f"server exited: {(folder / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, feedback_db
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def _client(url: str, key: str | None = FULL_KEY):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0)
+
+
+def test_openai_client_chat_stream_completions_models(server_url, colour_runs):
+    url, _ = server_url
+    client = _client(url)
+    assert {m.id for m in client.models.list()} >= {"colours-a", "colours-b", "intents", "tiny-llama0"}
+
+    question = QUESTIONS[0]
+    expected = reference_answers(colour_runs["a"], [question])[0]
+    reply = client.chat.completions.create(model="colours-a", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=4)
+    assert reply.choices[0].message.content.strip() == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 5
+
+    stream = client.chat.completions.create(model="colours-a", messages=[{"role": "user", "content": question}],
+                                            temperature=0, max_tokens=4, stream=True)
+    chunks = list(stream)
+    assert len(chunks) >= 3  # role, at least one piece of content, the finish
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == expected
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+    completion = client.completions.create(model="colours-b", prompt="what is the colour of", max_tokens=3,
+                                           temperature=0)
+    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 3
+
+
+def test_openai_client_classify_and_feedback(server_url):
+    url, feedback_db = server_url
+    client = _client(url)
+    result = client.post("/classify", cast_to=object, body={"model": "intents", "input": ["my parcel tracking",
+                                                                                        "please refund the charge"],
+                                                             "explain": True})
+    assert [d["index"] for d in result["data"]] == [0, 1]
+    for item in result["data"]:
+        assert set(item["probabilities"]) == {"billing", "account", "shipping", "product"}
+        assert sum(item["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert item["label"] == max(item["probabilities"], key=item["probabilities"].get)
+        assert item["explanation"] and all(e["word"] in ("my parcel tracking please refund the charge").split()
+                                           for e in item["explanation"])
+
+    reply = client.chat.completions.create(model="colours-b", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                           temperature=0, max_tokens=4)
+    stored = client.post("/feedback", cast_to=object, body={"response_id": reply.id, "rating": 2,
+                                                            "correction": "green ."})
+    assert stored["response_id"] == reply.id
+    records = FeedbackStore(feedback_db).records()
+    mine = [r for r in records if r.response_id == reply.id]
+    assert len(mine) == 1
+    assert (mine[0].model, mine[0].rating, mine[0].correction, mine[0].reviewer) == ("colours-b", 2, "green .", "ops")
+    assert mine[0].answer == reply.choices[0].message.content
+    assert json.loads(mine[0].prompt) == [{"role": "user", "content": QUESTIONS[1]}]
+
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.post("/feedback", cast_to=object, body={"response_id": "chatcmpl-nope", "rating": 5})
+    assert missing.value.body["code"] == "response_not_found"
+
+
+def test_openai_client_auth(server_url):
+    import openai
+
+    url, _ = server_url
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, key="wrong").chat.completions.create(model="colours-a", messages=messages, max_tokens=2)
+    no_key = httpx.get(f"{url}/v1/models")
+    assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+    scoped = _client(url, key=SCOPED_KEY)
+    assert [m.id for m in scoped.models.list()] == ["colours-a"]  # 1 of its 3 requests this minute
+    with pytest.raises(openai.PermissionDeniedError):  # 2
+        scoped.chat.completions.create(model="colours-b", messages=messages, max_tokens=2)
+    scoped.chat.completions.create(model="colours-a", messages=messages, max_tokens=2)  # 3
+    with pytest.raises(openai.RateLimitError):
+        scoped.chat.completions.create(model="colours-a", messages=messages, max_tokens=2)
+
+
+# -- batching and isolation ------------------------------------------------------------------------
+
+
+def test_adapters_batched_together_answer_as_when_alone(colour_runs):
+    """Concurrent requests for two adapters and the base share batches; each adapter answers as it
+    does loaded alone, and the two adapters answer differently."""
+    app = create_app(ServeConfig(models={"colours-a": colour_runs["a"], "colours-b": colour_runs["b"]},
+                                 max_wait_ms=50))
+    server = app.state.server
+    assert len(server.pool.backends) == 1  # one copy of the base for both adapters
+
+    async def ask_all() -> dict[str, list[str]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            names = ["colours-a", "colours-b", "tiny-llama0"]
+            replies = await asyncio.gather(*[client.post("/v1/chat/completions", json=chat_body(name, q))
+                                             for q in QUESTIONS for name in names])
+        answers: dict[str, list[str]] = {name: [] for name in names}
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+            answers[reply.json()["model"]].append(reply.json()["choices"][0]["message"]["content"].strip())
+        return answers
+
+    answers = asyncio.run(ask_all())
+    batches = server.metrics.batch_rows.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    rows = next(s.value for s in batches if s.name.endswith("_sum"))
+    assert rows == 3 * len(QUESTIONS) and count < rows  # some batch held several rows
+    assert answers["colours-a"] == reference_answers(colour_runs["a"], QUESTIONS)
+    assert answers["colours-b"] == reference_answers(colour_runs["b"], QUESTIONS)
+    assert answers["colours-a"] != answers["colours-b"]
+
+
+# -- in-process API checks -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(colour_runs, intent_run, keys_file, tmp_path_factory):
+    config = ServeConfig(models={"colours-a": colour_runs["a"], "intents": intent_run}, api_keys=keys_file,
+                         max_request_bytes=2_000, max_prompt_tokens=40, max_tokens=8,
+                         feedback_db=tmp_path_factory.mktemp("fb") / "feedback.db")
+    with TestClient(create_app(config), headers={"Authorization": f"Bearer {FULL_KEY}"}) as client:
+        yield client
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_malformed_and_oversized_requests(api):
+    headers = {"Content-Type": "application/json"}
+    assert _error(api.post("/v1/chat/completions", content=b'{"model": "colours-a", "mess', headers=headers),
+                  400)["code"] == "invalid_json"
+    assert _error(api.post("/v1/chat/completions", content=b"[1, 2]", headers=headers), 400)["code"] == "invalid_request"
+    assert _error(api.post("/v1/chat/completions", json={"model": "colours-a"}), 400)["param"] == "messages"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("colours-a", "hi", temperature=3)),
+                  400)["param"] == "temperature"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("colours-a", "sky " * 1000)), 413)["code"] == \
+        "request_too_large"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("colours-a", "sky " * 60)), 400)["code"] == \
+        "context_length_exceeded"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("colours-a", "sky", max_tokens=9)),
+                  400)["param"] == "max_tokens"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("nope", "sky")), 404)["code"] == "model_not_found"
+    assert _error(api.post("/v1/chat/completions", json=chat_body("intents", "sky")), 400)["param"] == "model"
+    assert _error(api.post("/v1/classify", json={"model": "colours-a", "input": "sky"}), 400)["param"] == "model"
+    assert _error(api.post("/v1/feedback", json={"response_id": "x"}), 400)["message"]
+    assert _error(api.get("/v1/nothing-here"), 404)
+
+
+def test_auth_errors_in_openai_shape(api):
+    assert _error(api.get("/v1/models", headers={"Authorization": ""}), 401)["type"] == "authentication_error"
+    assert _error(api.get("/v1/models", headers={"Authorization": "Bearer key-wrong"}), 401)
+    scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
+    assert _error(api.post("/v1/classify", json={"model": "intents", "input": "x"}, headers=scoped), 403)["type"] == \
+        "permission_error"
+    assert api.get("/health", headers={"Authorization": ""}).status_code == 200  # probes need no key
+
+
+def test_keys_file_errors(tmp_path):
+    from domaintune.errors import DomaintuneError
+
+    bad = tmp_path / "keys.yaml"
+    bad.write_text(yaml.safe_dump({"keys": [{"name": "x", "sha256": "not-a-hash", "models": ["*"]}]}))
+    with pytest.raises(DomaintuneError, match="sha256"):
+        KeyRing.from_file(bad)
+    bad.write_text(yaml.safe_dump({"keys": [{"name": "x", "sha256": hash_key("k"), "models": ["*"]}] * 2}))
+    with pytest.raises(DomaintuneError, match="share"):
+        KeyRing.from_file(bad)
+
+
+def test_stream_and_metrics(api):
+    with api.stream("POST", "/v1/completions", json={"model": "colours-a", "prompt": "what is the colour of sky ?",
+                                                     "max_tokens": 3, "temperature": 0.7, "stream": True,
+                                                     "stream_options": {"include_usage": True}}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert 1 <= usage["completion_tokens"] <= 3
+    metrics = api.get("/metrics").text
+    assert 'domaintune_requests_total{endpoint="/v1/completions",model="colours-a",status="200"}' in metrics
+    assert "domaintune_completion_tokens_total" in metrics
+
+
+def test_pii_redacted_and_bodies_not_logged(colour_runs, tmp_path, caplog):
+    email = "jane.roe@corp.example"
+    config = ServeConfig(models={"colours-a": colour_runs["a"]}, redact_pii=True, feedback_db=tmp_path / "fb.db")
+    with caplog.at_level("INFO", logger="domaintune.serve"), TestClient(create_app(config)) as client:
+        reply = client.post("/v1/chat/completions", json=chat_body("colours-a", f"mail {email} the colour of sky ?"))
+        assert reply.status_code == 200
+        client.post("/v1/feedback", json={"response_id": reply.json()["id"], "correction": f"ask {email}"})
+    record = FeedbackStore(tmp_path / "fb.db").records()[0]
+    assert email not in record.prompt and "[EMAIL]" in record.prompt
+    assert record.correction == "ask [EMAIL]"
+    assert "/v1/chat/completions 200" in caplog.text  # requests are logged, their content is not
+    assert "colour of sky" not in caplog.text and email not in caplog.text
+
+
+# -- following the registry --------------------------------------------------------------------------
+
+
+def test_promotion_is_served_without_restart(colour_runs, tmp_path):
+    from domaintune.registry.store import Registry
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url)
+    first, second = (registry.register(colour_runs[k]) for k in ("a", "b"))
+    for version in (first, second):
+        registry.promote("colours", version.version, "staging")
+    registry.promote("colours", first.version, "production")
+    expected = {k: reference_answers(colour_runs[k], QUESTIONS[:2]) for k in ("a", "b")}
+
+    def wait_for(client: TestClient, version: int | None) -> None:
+        for _ in range(200):
+            served = {m["id"]: m["version"] for m in client.get("/v1/models").json()["data"]}
+            if served.get("colours") == version:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"the server did not switch to version {version}: {served}")
+
+    def answers(client: TestClient) -> list[str]:
+        return [client.post("/v1/chat/completions", json=chat_body("colours", q)).json()["choices"][0]["message"]
+                ["content"].strip() for q in QUESTIONS[:2]]
+
+    config = ServeConfig(registry_url=url, registry_stage="production", poll_seconds=0.1,
+                         feedback_db=tmp_path / "fb.db")
+    app = create_app(config)
+    pool = app.state.server.pool
+    with TestClient(app) as client:
+        wait_for(client, first.version)
+        assert answers(client) == expected["a"]
+        in_flight = pool.acquire("colours")  # a request still running on the first version
+
+        registry.promote("colours", second.version, "production", force=True, reason="test: switch answers")
+        wait_for(client, second.version)
+        assert answers(client) == expected["b"]
+        backend = in_flight.backend
+        assert in_flight.adapter in backend.adapters  # kept until its request is done
+        pool.release(in_flight)
+        pool.executor.submit(lambda: None).result()  # the detach runs on the model thread
+        assert in_flight.adapter not in backend.adapters
+
+        registry.promote("colours", second.version, "archived")
+        wait_for(client, None)
+        assert _error(client.post("/v1/chat/completions", json=chat_body("colours", "sky")), 404)
+    registry.close()
+
+
+# -- the command -----------------------------------------------------------------------------------------
+
+
+def test_cli_errors_exit_2(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from domaintune.cli.serve import serve
+
+    app = typer.Typer()
+    app.command()(serve)
+    runner = CliRunner()
+    vllm = runner.invoke(app, ["--engine", "vllm", "--model", f"x={tmp_path}"])
+    assert vllm.exit_code == 2 and "vllm" in vllm.output.lower()
+    assert runner.invoke(app, ["--model", "no-equals-sign"]).exit_code == 2
+    not_a_run = runner.invoke(app, ["--model", f"x={tmp_path}"])
+    assert not_a_run.exit_code == 2 and "not a run directory" in not_a_run.output
