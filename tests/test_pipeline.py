@@ -46,7 +46,11 @@ def _check_run_dir(result, task: str, method: str) -> dict:
     assert last < first, f"training loss did not go down: {first:.3f} -> {last:.3f}"
 
     card = (run_dir / "model_card.md").read_text()
-    assert "## Results against the base" in card
+    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
+                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+        assert f"## {section}" in card  # the sections of Mitchell et al.'s model cards
+    headline = {"classification": "accuracy", "sft": "exact_match", "pretrain": "perplexity"}[task]
+    assert f"| {headline} | {metrics['base'][headline]:.4f}" in card
     report = (run_dir / "report.html").read_text()
     assert "Headline metrics" in report
     return metrics

@@ -14,6 +14,8 @@ from sqlalchemy import text
 
 from domaintune.registry.errors import PromotionRefused, RegistryError
 from domaintune.registry.policy import check_promotion, headline_metric
+from domaintune.evaluate.metrics import HEADLINE
+from domaintune.recipe import Recipe, dump_recipe, resolve_defaults
 from domaintune.registry.store import Registry, parse_ref, register_run
 
 pytest_plugins = ["postgres"]  # the database_url fixture: SQLite and PostgreSQL
@@ -31,10 +33,13 @@ def make_run(root: Path, name: str = "support-intents", *, tuned: float = 0.80,
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     (run_dir / "data").mkdir()
     (run_dir / "data" / "train.jsonl").write_text(json.dumps({"text": "refund please", "label": "billing"}) + "\n")
-    recipe = f"name: {name}\ntask: {task}\nbase_model: minilm-l6\ntraining:\n  learning_rate: {learning_rate}\n"
-    (run_dir / "recipe.yaml").write_text(recipe)
+    spec = Recipe.model_validate({"name": name, "task": task, "base_model": "minilm-l6", "data": {"train": "data/train.csv"},
+                                  "training": {"learning_rate": learning_rate}})
+    (run_dir / "recipe.yaml").write_text(dump_recipe(resolve_defaults(spec, 160)))
     metric = headline_metric(task)
-    metrics = {"task": task, "eval_rows": 40, "train_rows": 160, "base": {metric: 0.5}, "tuned": {metric: tuned},
+    others = {name: 0.5 for name in HEADLINE[task]}  # the rest of the task's metrics, as a run has them
+    metrics = {"task": task, "eval_rows": 40, "train_rows": 160, "base": {**others, metric: 0.5},
+               "tuned": {**others, metric: tuned},
                "intervals": {metric: {"tuned": list(interval)}} if interval else {}}
     if gates is not None:
         metrics["gates"] = gates
@@ -141,6 +146,13 @@ def test_promotion_moves_through_the_stages_with_one_production_version(registry
     promote = registry.audit()[-1]
     assert promote.details == {"from": "staging", "to": "production", "checks": second.decision.passed,
                                "replaced": "support-intents:1"}
+    refused = [e for e in registry.audit() if e.action == "promote-refused"]
+    assert [(e.target, e.details["refusals"]) for e in refused] == [
+        ("support-intents:1", ["it is candidate: production takes versions from staging"])]
+    card = (second.version.run_dir / "model_card.md").read_text()
+    assert "`support-intents:2`, stage **production**" in card and "## Ethical considerations" in card
+    assert "stage **staging**, promoted by ana" not in card
+    assert "stage **production**, promoted by ana" in (first.version.run_dir / "model_card.md").read_text()
 
 
 def test_a_failed_gate_is_refused_and_force_needs_a_justification(registry, tmp_path):

@@ -126,7 +126,7 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         timings["total_s"] = time.perf_counter() - clock
         lineage = build_lineage(spec, recipe_path, data.sources, processed, base, staging / "adapter", run_id, timings)
         (staging / "lineage.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
-        write_model_card(staging / "model_card.md", spec, metrics, lineage, data.card)
+        write_model_card(staging)
         write_report(staging / "report.html", spec, metrics, result.samples, train_log)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # they serve a resume only
         staging.rename(run_dir)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from domaintune.registry.schema import AuditHead, AuditRow
 
-ACTIONS = ("register", "promote", "rollback", "deploy", "delete")
+ACTIONS = ("register", "promote", "promote-refused", "rollback", "deploy", "delete")
 GENESIS = "0" * 64
 HEAD_ID = 1
 

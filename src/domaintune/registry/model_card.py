@@ -1,93 +1,183 @@
-"""The model card written into every run directory."""
+"""model_card.md, in the sections of "Model Cards for Model Reporting" (Mitchell et al., 2019).
+
+Written from the files of a run directory alone (recipe.yaml, metrics.json, lineage.json,
+data_card.json), so the run writes it and the registry rewrites it, with the version's stage and
+who promoted it, whenever a version is promoted.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
-from domaintune.recipe import Recipe
 
 INTENDED = {
     "classification": "Assigns one of the training labels to a text from the same domain and distribution as the training data.",
     "sft": "Answers prompts of the kind seen in training, in the format of the training answers.",
     "pretrain": "A base for further fine-tuning on text from the training domain; not an assistant on its own.",
 }
+METHODS = {
+    "lora": "LoRA",
+    "dora": "DoRA, weight-decomposed LoRA",
+    "qlora": "QLoRA, LoRA on a 4-bit base",
+    "ia3": "IA3 (learned rescaling of activations)",
+    "prompt_tuning": "prompt tuning (learned virtual tokens)",
+    "prefix_tuning": "prefix tuning (learned key/value prefixes)",
+    "full": "full fine-tuning (every weight)",
+}
 
 
-def write_model_card(path: Path, spec: Recipe, metrics: dict, lineage: dict, data_card: dict) -> None:
-    rows = headline(spec.task, metrics["base"], metrics["tuned"])
+def write_model_card(run_dir: Path, registry: dict[str, Any] | None = None) -> Path:
+    """Write ``run_dir/model_card.md``; ``registry`` (name, version, stage, and who promoted it,
+    when and why) adds the version's place in the registry."""
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    lineage = json.loads((run_dir / "lineage.json").read_text(encoding="utf-8"))
+    card_path = run_dir / "data_card.json"
+    data = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else None
+    sections = [
+        f"# {recipe['name']}",
+        _details(recipe, metrics, lineage, registry),
+        _intended_use(recipe),
+        _factors(metrics),
+        _metrics(recipe, metrics),
+        _evaluation_data(metrics, data),
+        _training_data(lineage, data),
+        _quantitative(recipe, metrics),
+        _ethics(metrics, data),
+        _caveats(),
+    ]
+    path = run_dir / "model_card.md"
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path
+
+
+def _details(recipe: dict, metrics: dict, lineage: dict, registry: dict | None) -> str:
+    t, method = recipe["training"], recipe["method"]
+    adapter = recipe.get("lora", {}) if method in ("lora", "dora", "qlora") else {}
+    settings = f" (r={adapter['r']}, alpha={adapter['alpha']}, dropout={adapter['dropout']})" if adapter else ""
+    lines = ["## Model details",
+             f"- Task: {recipe['task']}; base model `{recipe['base_model']}`; method: {METHODS[method]}{settings}.",
+             f"- Training: {t['epochs']} epochs, learning rate {t['learning_rate']}, batch size {t['batch_size']}, "
+             f"max sequence length {t['max_seq_length']}, seed {t['seed']}.",
+             f"- Made by domaintune {lineage['domaintune_version']}, run `{lineage['run_id']}`; weights in `adapter/`; "
+             f"how it was made, with the sha256 of every input and output, in `lineage.json`.",
+             f"- Compared against: {metrics['base'].get('model', recipe['base_model'])}."]
+    if registry:
+        lines.append(f"- Registry: `{registry['name']}:{registry['version']}`, stage **{registry['stage']}**"
+                     + (f", promoted by {registry['actor']} on {registry['time']}" if registry.get("actor") else "")
+                     + (f" ({registry['reason']})" if registry.get("reason") else "") + ".")
+    return "\n".join(lines)
+
+
+def _intended_use(recipe: dict) -> str:
+    return "\n".join([
+        "## Intended use",
+        f"- Primary use: {INTENDED[recipe['task']]}",
+        "- Primary users: the team whose data it was trained on, for the task in its recipe.",
+        "- Out of scope: text unlike the training data (other domains, languages, channels); decisions about "
+        "people without a human review; any use the evaluation below does not cover.",
+    ])
+
+
+def _factors(metrics: dict) -> str:
+    lines = ["## Factors"]
+    for sliced in metrics.get("slices", []):
+        worst, gap = sliced["worst"].get("tuned"), sliced["gap"].get("tuned")
+        lines.append(f"- `{sliced['field']}`: {len(sliced['slices'])} values"
+                     + (f"; weakest `{worst}`, {gap:.3f} {sliced['metric']} below the best" if worst is not None else ""))
+    if metrics.get("bias"):
+        groups = ", ".join(metrics["bias"].get("tuned", {}))
+        lines.append(f"- Counterfactual term swaps probed: {groups} (see Ethical considerations).")
+    if len(lines) == 1:
+        lines.append("- No slices were evaluated: set `evaluate.slices` to the metadata columns (region, channel, "
+                     "product, ...) the model must work equally well for.")
+    return "\n".join(lines)
+
+
+def _metrics(recipe: dict, metrics: dict) -> str:
+    names = ", ".join(name for name, _, _ in headline(recipe["task"], metrics["base"], metrics["tuned"]))
+    lines = ["## Metrics", f"- {names}, for the base and the tuned model on the same held-out rows, with 95% "
+             "bootstrap intervals; the change is paired (the same rows resampled for both)."]
+    for name, test in metrics.get("significance", {}).items():
+        lines.append(f"- {name}: p = {test['p_value']:.2g} ({test.get('method', '')}) that the change is chance.")
+    if "ece" in metrics["tuned"]:
+        lines.append(f"- Calibration (expected calibration error): base {metrics['base']['ece']:.3f}, "
+                     f"tuned {metrics['tuned']['ece']:.3f}.")
+    for gate in metrics.get("gates", []):
+        lines.append(f"- Gate `{gate['expr']}`: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate.get('failing', []))}.")
+    return "\n".join(lines)
+
+
+def _evaluation_data(metrics: dict, data: dict | None) -> str:
+    lines = ["## Evaluation data", f"- {metrics['eval_rows']} held-out rows (`data/eval.jsonl`)."]
+    if data:
+        split = data["split"]
+        how = "a separate eval file" if split["by"] == "eval file" else f"a {split['by']} split of the training file"
+        leaks = sum(data["dropped"]["leakage"].values())
+        lines.append(f"- Held out by {how}; {leaks} eval rows that duplicated training rows were removed (leakage).")
+    return "\n".join(lines)
+
+
+def _training_data(lineage: dict, data: dict | None) -> str:
+    lines = ["## Training data"]
+    lines += [f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"]]
+    if data:
+        dropped = data["dropped"]
+        lines.append(f"- Of {data['rows_in']} rows read, {data['kept']['train']} trained on: "
+                     f"{sum(dropped['validate'].values())} invalid, {sum(dropped['dedup'].values())} duplicates, "
+                     f"{sum(dropped['clean'].values())} empty after cleaning were dropped. See `data_card.md`.")
+        pii = data["pii"]
+        found = ", ".join(f"{n} {t}" for t, n in pii["found"].items()) or "none found"
+        lines.append(f"- Personal data: {'redacted (' + pii['mode'] + '): ' + found if pii['redact'] else 'not redacted'}.")
+    return "\n".join(lines)
+
+
+def _quantitative(recipe: dict, metrics: dict) -> str:
     intervals = metrics.get("intervals", {})
 
     def ci(name: str, which: str) -> str:
         lo_hi = intervals.get(name, {}).get(which)
         return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
 
-    table = "\n".join(
-        f"| {name} | {b:.4f}{ci(name, 'base')} | {t:.4f}{ci(name, 'tuned')} | {t - b:+.4f}{ci(name, 'difference')}"
-        f"{' (lower is better)' if name in LOWER_IS_BETTER else ''} |"
-        for name, b, t in rows
-    )
-    data_lines = "\n".join(f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"])
-    t = spec.training
-    method = _method(spec)
-    base_desc = metrics["base"].get("model", spec.base_model)
-    text = f"""# {spec.name}
-
-## Model details
-- Task: {spec.task}
-- Base model: `{spec.base_model}`
-- Method: {method}
-- Training: {t.epochs} epochs, learning rate {t.learning_rate}, batch size {t.batch_size}, max sequence length {t.max_seq_length}, seed {t.seed}
-- Made by domaintune {lineage['domaintune_version']} (run `{lineage['run_id']}`); the weights are in `adapter/`.
-
-## Intended use
-{INTENDED[spec.task]} It has not been evaluated outside the held-out rows below.
-
-## Training data
-{data_lines}
-- {metrics['train_rows']} training rows; {metrics['eval_rows']} held-out rows for evaluation.
-- {_data_steps(data_card)} See `data_card.md`.
-
-## Results against the base
-Base: {base_desc}. Both evaluated on the same {metrics['eval_rows']} held-out rows; brackets are 95%
-bootstrap intervals (the change: paired, same rows resampled for both).
-
-| metric | base | tuned | change |
-|---|---|---|---|
-{table}
-
-## Limitations
-- Results hold for data like the held-out rows; on a small evaluation set the intervals are wide: read them, not only the point estimates.
-- The model may reproduce biases and errors in the training data; check its outputs before relying on them in decisions about people.
-- {_pii_limit(data_card)}
-"""
-    path.write_text(text, encoding="utf-8")
+    lines = ["## Quantitative analyses", "", "| metric | base | tuned | change |", "|---|---|---|---|"]
+    lines += [f"| {name} | {b:.4f}{ci(name, 'base')} | {t:.4f}{ci(name, 'tuned')} | {t - b:+.4f}{ci(name, 'difference')}"
+              f"{' (lower is better)' if name in LOWER_IS_BETTER else ''} |"
+              for name, b, t in headline(recipe["task"], metrics["base"], metrics["tuned"])]
+    for sliced in metrics.get("slices", []):
+        metric = sliced["metric"]
+        lines += ["", f"By `{sliced['field']}` ({metric}):", "", "| value | rows | base | tuned |", "|---|---|---|---|"]
+        lines += [f"| {value} | {s['rows']} | {s['base'][metric]:.3f} | {s['tuned'][metric]:.3f} |"
+                  for value, s in sliced["slices"].items()]
+    return "\n".join(lines)
 
 
-def _data_steps(card: dict) -> str:
-    dropped = card["dropped"]
-    dups = dropped["dedup"]["train"] + dropped["dedup"]["eval"]
-    return (f"Of {card['rows_in']} rows read, {sum(dropped['validate'].values())} were invalid, {dups} duplicates, "
-            f"{sum(dropped['leakage'].values())} eval rows leaked from training (all removed).")
+def _ethics(metrics: dict, data: dict | None) -> str:
+    lines = ["## Ethical considerations"]
+    if data and data["pii"]["redact"]:
+        lines.append("- Personal data was redacted automatically before training and evaluation; the redaction is "
+                     "rule-based and misses some names. Review `data_card.md` before sharing the model or its data.")
+    else:
+        lines.append("- No personal-data redaction was applied: do not train on data you may not process.")
+    for group, result in metrics.get("bias", {}).get("tuned", {}).items():
+        base = metrics["bias"].get("base", {}).get(group, {})
+        if result.get("rate") is not None:
+            lines.append(f"- Swapping {group} terms changed {result['rate']:.1%} of {result['rows']} predictions "
+                         f"(base: {base.get('rate', 0) or 0:.1%}).")
+    lines.append("- The model can reproduce biases and errors in its training data; a human should review outputs "
+                 "that affect people.")
+    return "\n".join(lines)
 
 
-def _pii_limit(card: dict) -> str:
-    pii = card["pii"]
-    if not pii["redact"]:
-        return "No personal-data redaction was applied to the training data in this run: do not train on data you may not process."
-    found = ", ".join(f"{n} {t}" for t, n in pii["found"].items()) or "none found"
-    return (f"Personal data was redacted ({pii['mode']}) before training: {found}. Redaction is automatic and "
-            "imperfect (person names especially); review the data card before sharing the model.")
-
-
-def _method(spec: Recipe) -> str:
-    lora = f"r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}"
-    return {
-        "lora": f"LoRA ({lora})",
-        "dora": f"DoRA, weight-decomposed LoRA ({lora})",
-        "qlora": f"QLoRA, LoRA on a 4-bit base ({lora})",
-        "ia3": "IA3 (learned rescaling of activations)",
-        "prompt_tuning": "prompt tuning (learned virtual tokens)",
-        "prefix_tuning": "prefix tuning (learned key/value prefixes)",
-        "full": "full fine-tuning (every weight)",
-    }[spec.method]
+def _caveats() -> str:
+    return "\n".join([
+        "## Caveats and recommendations",
+        "- Results hold for data like the held-out rows; with few rows the intervals are wide: read them, not only "
+        "the point estimates.",
+        "- Re-evaluate on fresh data as the domain changes (`domaintune eval`), and update with a regression gate "
+        "(`domaintune update`).",
+    ])

@@ -238,22 +238,32 @@ class Registry:
             current = _production(session, row.name) if to == "production" else None
             decision = Decision() if to == "archived" else check_promotion(
                 row.stage, to, row.metrics, (f"{current.name}:{current.version}", current.metrics) if current else None)
+            actor = actor or current_actor()
             if not decision.allowed and not force:
-                raise PromotionRefused(ref, to, decision.refusals)
-            details: dict[str, Any] = {"from": row.stage, "to": to, "checks": decision.passed}
-            if decision.refusals:
-                details["forced_over"] = decision.refusals
-            replaced = None
-            if current is not None:
-                current.stage = "archived"  # keeps production_seq: rollback returns to it
-                details["replaced"] = f"{current.name}:{current.version}"
-                session.flush()  # before the new one, or the one-production index would trip
-                replaced = ModelVersion.from_row(current)
-            row.stage = to
-            entry = audit_log.append(session, actor=actor or current_actor(), action="promote", target=ref,
-                                     reason=reason, details=details)
-            row.production_seq = entry.seq if to == "production" else None
-            promoted = ModelVersion.from_row(row)
+                # The refusal is recorded too: the transaction commits, then the caller hears why.
+                audit_log.append(session, actor=actor, action="promote-refused", target=ref, reason=reason,
+                                 details={"from": row.stage, "to": to, "refusals": decision.refusals})
+                refused = PromotionRefused(ref, to, decision.refusals)
+            else:
+                refused = None
+                details: dict[str, Any] = {"from": row.stage, "to": to, "checks": decision.passed}
+                if decision.refusals:
+                    details["forced_over"] = decision.refusals
+                replaced = None
+                if current is not None:
+                    current.stage = "archived"  # keeps production_seq: rollback returns to it
+                    details["replaced"] = f"{current.name}:{current.version}"
+                    session.flush()  # before the new one, or the one-production index would trip
+                    replaced = ModelVersion.from_row(current)
+                row.stage = to
+                entry = audit_log.append(session, actor=actor, action="promote", target=ref, reason=reason,
+                                         details=details)
+                row.production_seq = entry.seq if to == "production" else None
+                promoted = ModelVersion.from_row(row)
+                promotion = {"actor": actor, "time": entry.time, "reason": reason}
+        if refused is not None:
+            raise refused
+        _rewrite_card(promoted, promotion)
         return Promotion(promoted, decision, bool(decision.refusals), replaced)
 
     def rollback(self, name: str, *, actor: str | None = None, reason: str) -> ModelVersion:
@@ -304,6 +314,16 @@ class Registry:
                                    reason=reason, details=details or {})
             entry = audit_log.AuditEntry.from_row(row)
         return entry
+
+
+def _rewrite_card(version: ModelVersion, promotion: dict[str, Any]) -> None:
+    """The model card says which stage the version is in and who put it there. It is not among the
+    hashed artifacts, so rewriting it does not trip ``verify``."""
+    from domaintune.registry.model_card import write_model_card
+
+    if (version.run_dir / "recipe.yaml").is_file():
+        write_model_card(version.run_dir, {"name": version.name, "version": version.version, "stage": version.stage,
+                                           **promotion})
 
 
 def register_run(run_dir: str | Path, registry_url: str | None = None) -> ModelVersion:
