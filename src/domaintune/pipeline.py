@@ -22,10 +22,11 @@ from domaintune.data.prepare import PreparedData, prepare, write_prepared
 from domaintune.errors import DataError, DomaintuneError, ModelError, RecipeError
 from domaintune.evaluate import metrics as M
 from domaintune.evaluate.bias import flip_rate, load_term_groups
-from domaintune.evaluate.calibration import confusion_matrix, expected_calibration_error, reliability_bins
+from domaintune.evaluate.comparison import compare_classification, compare_generation
+from domaintune.evaluate.explain import explain_classification
+from domaintune.evaluate.extras import causal_extras
+from domaintune.evaluate.privacy import with_canaries
 from domaintune.evaluate.gates import check_gate, validate_gate
-from domaintune.evaluate.intervals import paired_intervals
-from domaintune.evaluate.significance import mcnemar, paired_bootstrap_p
 from domaintune.evaluate.report import write_report
 from domaintune.recipe import Recipe, dump_recipe, load_recipe, resolve_defaults
 from domaintune.registry.lineage import build_lineage
@@ -69,14 +70,16 @@ class RunResult:
 
 def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir: str | Path | None = None,
         console: Console | None = None, gates: list[str] | None = None, register: bool = True,
-        registry_url: str | None = None, resume: str | Path | None = None) -> RunResult:
+        registry_url: str | None = None, resume: str | Path | None = None,
+        init_from: str | Path | None = None) -> RunResult:
     """Run a recipe end to end and return its result. ``overrides`` maps dotted recipe keys to
     values (``{"training.epochs": 1}``); ``output_dir`` replaces the recipe's ``output_dir``;
     ``gates`` are added to the recipe's ``evaluate.gates`` (``result.passed`` tells whether all held;
     the run directory is written either way). With ``register`` the finished run becomes a new
     candidate version in the registry (``registry_url``, default: see ``domaintune.registry``).
     ``resume`` continues a run that was killed (its ``.partial`` folder, or the run directory it
-    was to become) from its last checkpoint, with the same run id."""
+    was to become) from its last checkpoint, with the same run id. ``init_from`` (a run directory)
+    starts training from that run's trained weights instead of a fresh adapter (``domaintune update``)."""
     console = console or Console(stderr=True, quiet=True)
     quiet_libraries()
     recipe_path = Path(recipe).resolve()
@@ -112,7 +115,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     try:
         processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine")
         runner = _run_classification if spec.task == "classification" else _run_causal
-        result, train_log = runner(spec, base, data, staging, console, timings)
+        result, train_log = runner(spec, base, data, staging, console, timings,
+                                   Path(init_from) if init_from is not None else None)
         result.run_dir = run_dir
         (staging / "recipe.yaml").write_text(dump_recipe(spec), encoding="utf-8")
         if spec.evaluate.slices:
@@ -219,7 +223,7 @@ def _limit(items: list, max_rows: int | None) -> list:
 
 
 def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
-                        timings: dict[str, float]) -> tuple[RunResult, list[dict]]:
+                        timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
                                                  predict_proba, save_classifier, train_classifier)
 
@@ -249,7 +253,12 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     clock = time.perf_counter()
     init_head_from_probe(model, probe)
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
-    model.encoder = apply_method(model.encoder, spec, task_type=None)
+    if init_from is not None:  # an update continues from that run's encoder and head
+        from domaintune.update.warm_start import continue_classifier
+
+        continue_classifier(model, labels, init_from, spec.method)
+    else:
+        model.encoder = apply_method(model.encoder, spec, task_type=None)
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
@@ -260,10 +269,8 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
 
     clock = time.perf_counter()
     proba = predict_proba(model, tokenizer, eval_texts, max_len)
-    tuned_pred = [labels[i] for i in proba.argmax(1)]
-    truth = [e.label for e in evaluation]
-    base_metrics = M.classification_metrics(truth, base_pred, labels)
-    tuned_metrics = M.classification_metrics(truth, tuned_pred, labels)
+    compared = compare_classification([e.label for e in evaluation], labels, base_proba, proba)
+    base_metrics, tuned_metrics, tuned_pred = compared.base, compared.tuned, compared.tuned_pred
     base_metrics["model"] = f"{spec.base_model} frozen + logistic-regression probe"
     tuned_metrics["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     save_classifier(model, tokenizer, labels, spec.method, run_dir / "adapter")
@@ -276,20 +283,14 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
                 "base_confidence": float(bp.max()), "tuned_confidence": float(p.max()), "meta": e.meta}
                for e, b, t, bp, p in zip(evaluation, base_pred, tuned_pred, base_proba, proba)]
     result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
-    base_correct = [b == y for b, y in zip(base_pred, truth)]
-    tuned_correct = [t == y for t, y in zip(tuned_pred, truth)]
-    result.intervals = {"accuracy": paired_intervals(base_correct, tuned_correct)}
-    result.extra["significance"] = {"accuracy": mcnemar(base_correct, tuned_correct)}
-    calibration = {}
-    for name, p, correct, scores in (("base", base_proba, base_correct, base_metrics),
-                                     ("tuned", proba, tuned_correct, tuned_metrics)):
-        scores["ece"] = expected_calibration_error(p.max(1), correct)
-        calibration[name] = reliability_bins(p.max(1), correct)
-    result.extra["calibration"] = calibration
-    result.extra["confusion"] = {"labels": labels, "tuned": confusion_matrix(truth, tuned_pred, labels),
-                                 "base": confusion_matrix(truth, base_pred, labels)}
+    result.intervals, result.extra = compared.intervals, compared.extra
     if bias:
         result.extra["bias"] = bias
+    if spec.evaluate.explain_rows:
+        with console.status("explanations: word occlusion"):
+            result.extra["explanations"] = explain_classification(
+                lambda texts: predict_proba(model, tokenizer, texts, max_len), eval_texts[:spec.evaluate.explain_rows],
+                labels)
     return result, log
 
 
@@ -299,7 +300,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
-                timings: dict[str, float]) -> tuple[RunResult, list[dict]]:
+                timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
+    from domaintune.train import distributed
     from domaintune.train.causal import (ensure_chat_template, generate, pack_text, perplexity, prompt_ids,
                                          save_causal, tokenize_chat, answer_token_count, train_causal)
 
@@ -309,6 +311,9 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     max_len = int(spec.training.max_seq_length)
     evaluation = _limit(data.eval, spec.evaluate.max_rows)
     ev = spec.evaluate
+    clean_train, canaries = data.train, None  # the training rows without canaries
+    if ev.privacy_audit:  # planted before tokenisation, so that training sees them
+        data, canaries = with_canaries(data, spec.task, ev.canary_repeats, spec.training.seed)
 
     if spec.task == "sft":
         ensure_chat_template(tokenizer)
@@ -346,12 +351,19 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
 
     clock = time.perf_counter()
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
-    model = apply_method(model, spec, task_type="CAUSAL_LM", tokenizer_path=str(base.path))
+    if init_from is not None:  # an update continues from that run's weights
+        from domaintune.update.warm_start import continue_causal
+
+        model = continue_causal(model, init_from, spec.method)
+    else:
+        model = apply_method(model, spec, task_type="CAUSAL_LM", tokenizer_path=str(base.path))
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences")
     log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec, run_dir),
                        batch_size=int(spec.training.batch_size), console=console, description="train",
-                       eval_rows=eval_rows[:spec.training.eval_rows])
+                       eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing)
+    if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
+        distributed.leave()
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -368,12 +380,12 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                    for e, r, b, t, eb, et, rb, rt in zip(evaluation, references, base_out, tuned_out,
                                                          base_scores["exact_match"], tuned_scores["exact_match"],
                                                          base_scores["rouge_l"], tuned_scores["rouge_l"])]
-    result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
-    result.intervals = {name: paired_intervals(base_scores[name], tuned_scores[name]) for name in base_scores}
-    if base_scores:
-        result.extra["significance"] = {
-            "exact_match": mcnemar(np.array(base_scores["exact_match"]) > 0, np.array(tuned_scores["exact_match"]) > 0),
-            "rouge_l": {"p_value": paired_bootstrap_p(base_scores["rouge_l"], tuned_scores["rouge_l"]),
-                        "method": "paired bootstrap"},
-        }
+    result = RunResult(run_dir, spec.task, len(evaluation), len(clean_train), base_metrics, tuned_metrics, samples)
+    compared = compare_generation(base_scores, tuned_scores)
+    result.intervals, result.extra = compared.intervals, compared.extra
+    clock = time.perf_counter()
+    result.extra.update(causal_extras(
+        spec, model, tokenizer, lambda: load_quantized_causal_lm(base.path) if spec.method == "qlora" else catalog.load_causal_lm(base),
+        clean_train, evaluation, canaries, console))
+    timings["extras_s"] = time.perf_counter() - clock
     return result, log

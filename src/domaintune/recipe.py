@@ -120,6 +120,9 @@ class TrainingConfig(_Section):
         None, ge=0, description="Save a resumable checkpoint every N steps (default: each epoch; 0: never).")
     report_to: Literal["mlflow", "tensorboard"] | None = Field(
         None, description="Also log every step to MLflow or TensorBoard (the package must be installed).")
+    packing: bool = Field(
+        True, description="sft/pretrain: lay the rows of each batch end to end instead of padding them, each row "
+                          "attending only to itself (same loss, less work; off for prompt and prefix tuning).")
 
 
 class LoraConfig(_Section):
@@ -156,6 +159,50 @@ class EvaluateConfig(_Section):
     bias_terms: dict[str, list[list[str]]] | None = Field(
         None, description="Extra swap pairs by group, added to the shipped ones, e.g. {job: [[nurse, surgeon]]}.")
     gates: list[str] = Field(default_factory=list, description="Conditions the run must meet, e.g. 'tuned.accuracy >= base.accuracy + 0.05'.")
+    forgetting: bool = Field(
+        True, description="sft/pretrain: base vs tuned on the shipped general-ability set (general-text perplexity, general questions).")
+    forgetting_items: int = Field(
+        12, ge=1, le=40, description="forgetting: general paragraphs and general questions used (of the 40 of each shipped; "
+                                     "each adds about 1.5 s per model for a 135M model on 2 CPU cores).")
+    privacy_audit: bool = Field(
+        False, description="sft/pretrain: plant canaries in the training rows and measure their exposure, and probe for verbatim "
+                           "regurgitation of training rows. Recommended for regulated data.")
+    canary_repeats: list[int] = Field(
+        [1, 4, 16], min_length=1, description="privacy_audit: one canary per entry, planted that many times in the training rows.")
+    canary_candidates: int = Field(
+        255, ge=10, description="privacy_audit: random secrets of the canary's format a canary is ranked among "
+                                "(the highest exposure measurable is log2 of this plus one: 8 bits for 255).")
+    regurgitation_rows: int = Field(32, ge=1, description="privacy_audit: training rows the regurgitation probe prompts with.")
+    regurgitation_tokens: int = Field(
+        32, ge=1, description="privacy_audit: tokens of prefix given and of continuation compared verbatim.")
+    explain_rows: int = Field(
+        20, ge=0, description="Held-out rows explained (classification: word occlusion; generation: where tuned and base "
+                              "token probabilities differ most); 0: none.")
+
+    @field_validator("canary_repeats")
+    @classmethod
+    def _repeats_positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("every canary is planted at least once")
+        return v
+
+
+class UpdateConfig(_Section):
+    """How `domaintune update` trains and judges a new version of this model."""
+
+    replay_ratio: float = Field(
+        0.5, ge=0, description="Earlier training rows mixed in, as a share of the new training rows (0: no replay).")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Defaults to half the production run's: the weights are already close.")
+    epochs: int | float | None = Field(None, gt=0, description="Defaults to the production run's.")
+    tolerance: float = Field(
+        0.02, ge=0, description="Largest drop of the headline metric on an earlier eval set that the default gate accepts.")
+    gate: str | None = Field(
+        None, description="Condition on every earlier eval set (base. = production, tuned. = candidate); "
+                          "default: the 95% interval of the paired difference stays above -tolerance.")
+    gate_new: str | None = Field(
+        None, description="Condition on the new eval rows; default: the candidate beats production.")
+    seed: int | None = Field(None, description="Seeds the replay sample and the split of new rows; defaults to training.seed.")
 
 
 class Recipe(_Section):
@@ -169,6 +216,7 @@ class Recipe(_Section):
     ia3: Ia3Config = Ia3Config()
     prompt: PromptConfig = PromptConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    update: UpdateConfig = UpdateConfig()
     output_dir: str = "runs"
 
     @field_validator("name")

@@ -14,8 +14,10 @@ from rich.table import Table
 from domaintune import __version__, catalog
 from domaintune.cli.common import err, fail, out
 from domaintune.cli.data import data_app
+from domaintune.cli.evaluate import compare, eval_
 from domaintune.cli.export import export
 from domaintune.cli.serve import serve
+from domaintune.cli.update import update
 from domaintune.cli.registry import registry_app
 from domaintune.errors import DomaintuneError
 
@@ -197,8 +199,11 @@ def models_pull(
 
 
 # listed after run, quickstart and models
+app.command("eval")(eval_)
+app.command("compare")(compare)
 app.command("export")(export)
 app.command("serve")(serve)
+app.command("update")(update)
 
 
 if __name__ == "__main__":  # pragma: no cover

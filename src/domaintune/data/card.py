@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +22,91 @@ STEP_TITLES = {
     "leakage": "eval rows duplicating training rows (leakage)",
     "labels": "eval labels never seen in training",
 }
+MAX_LEAKS_LISTED = 20
+
+
+@dataclass
+class SideSummary:
+    """What the card says of the kept rows of one side: how many, their labels and lengths."""
+
+    rows: int
+    labels: dict[str, int]
+    chars: np.ndarray  # per row: characters in all its texts
+    words: np.ndarray
+
+    @classmethod
+    def of(cls, examples: list) -> SideSummary:
+        labels = Counter(getattr(e, "label", None) for e in examples)
+        return cls(len(examples), {k: v for k, v in labels.items() if k is not None},
+                   np.array([sum(len(t) for t in _texts(e)) for e in examples], dtype=np.int64),
+                   np.array([sum(len(t.split()) for t in _texts(e)) for e in examples], dtype=np.int64))
+
+
+class DroppedTally:
+    """Counts of dropped rows by step, source and reason, kept as rows are dropped: the card
+    needs no list of them."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.steps: dict[str, dict[str, int]] = {step: {"train": 0, "eval": 0} for step in STEP_TITLES}
+        self.reasons: dict[str, Counter] = {step: Counter() for step in STEP_TITLES}
+        self.leaks: list[dict[str, str]] = []  # the first MAX_LEAKS_LISTED
+
+    def add(self, dropped) -> None:
+        """Count one ``Dropped``."""
+        self.total += 1
+        self.steps[dropped.step][dropped.source] += 1
+        self.reasons[dropped.step][_reason_kind(dropped.step, dropped.reason)] += 1
+        if dropped.step == "leakage" and len(self.leaks) < MAX_LEAKS_LISTED:
+            self.leaks.append({"where": dropped.where, "reason": dropped.reason})
+
+    @classmethod
+    def of(cls, dropped: list) -> DroppedTally:
+        tally = cls()
+        for d in dropped:
+            tally.add(d)
+        return tally
 
 
 def build_card(*, spec: Recipe, sources: dict[str, tuple[Path, int]], train: list, evaluation: list, dropped: list,
                pii_counts: dict[str, int], rows_with_pii: int, cleaned_rows: int, label_conflicts: int,
                split: str) -> dict[str, Any]:
-    """Collect the card as plain data. Raises if the counts do not add up (a bug, not a user error)."""
+    """Collect the card as plain data from the kept examples and the dropped rows. Raises if the
+    counts do not add up (a bug, not a user error)."""
+    return card_from_tallies(spec=spec, sources=sources, train=SideSummary.of(train),
+                             evaluation=SideSummary.of(evaluation), dropped=DroppedTally.of(dropped),
+                             pii_counts=pii_counts, rows_with_pii=rows_with_pii, cleaned_rows=cleaned_rows,
+                             label_conflicts=label_conflicts, split=split)
+
+
+def card_from_tallies(*, spec: Recipe, sources: dict[str, tuple[Path, int]], train: SideSummary,
+                      evaluation: SideSummary, dropped: DroppedTally, pii_counts: dict[str, int], rows_with_pii: int,
+                      cleaned_rows: int, label_conflicts: int, split: str) -> dict[str, Any]:
+    """``build_card`` from summaries, for data too large to hold as examples."""
     rows_in = sum(n for _, n in sources.values())
-    steps: dict[str, dict[str, int]] = {step: {"train": 0, "eval": 0} for step in STEP_TITLES}
-    reasons: dict[str, Counter] = {step: Counter() for step in STEP_TITLES}
-    for d in dropped:
-        steps[d.step][d.source] += 1
-        reasons[d.step][_reason_kind(d.step, d.reason)] += 1
-    if rows_in != len(dropped) + len(train) + len(evaluation):
-        raise AssertionError(f"data accounting broken: {rows_in} rows in, {len(dropped)} dropped, "
-                             f"{len(train)} + {len(evaluation)} kept")
+    if rows_in != dropped.total + train.rows + evaluation.rows:
+        raise AssertionError(f"data accounting broken: {rows_in} rows in, {dropped.total} dropped, "
+                             f"{train.rows} + {evaluation.rows} kept")
     d = spec.data
     card: dict[str, Any] = {
         "task": spec.task,
         "sources": [{"role": role, "file": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
                      "rows_in": n} for role, (path, n) in sources.items()],
         "rows_in": rows_in,
-        "dropped": {step: counts for step, counts in steps.items()},
-        "dropped_total": len(dropped),
-        "reasons": {step: dict(counter.most_common(10)) for step, counter in reasons.items() if counter},
-        "kept": {"train": len(train), "eval": len(evaluation)},
+        "dropped": {step: dict(counts) for step, counts in dropped.steps.items()},
+        "dropped_total": dropped.total,
+        "reasons": {step: dict(counter.most_common(10)) for step, counter in dropped.reasons.items() if counter},
+        "kept": {"train": train.rows, "eval": evaluation.rows},
         "on_bad_rows": d.on_bad_rows,
         "cleaning": {**d.clean.model_dump(), "rows_changed": cleaned_rows},
         "pii": {"redact": d.pii.redact, "mode": d.pii.mode if d.pii.redact else None,
                 "types": d.pii.types or "all", "found": dict(sorted(pii_counts.items())), "rows_with_pii": rows_with_pii},
-        "dedup": {**d.dedup.model_dump(), "label_conflicts": label_conflicts,
-                  "leaks": [{"where": x.where, "reason": x.reason} for x in dropped if x.step == "leakage"][:20]},
+        "dedup": {**d.dedup.model_dump(), "label_conflicts": label_conflicts, "leaks": list(dropped.leaks)},
         "split": {"by": split, **({"eval_fraction": d.split.eval_fraction} if split != "eval file" else {})},
         "lengths": {"train": _lengths(train), "eval": _lengths(evaluation)},
     }
     if spec.task == "classification":
-        card["labels"] = {"train": dict(sorted(Counter(e.label for e in train).items())),
-                          "eval": dict(sorted(Counter(e.label for e in evaluation).items()))}
+        card["labels"] = {"train": dict(sorted(train.labels.items())), "eval": dict(sorted(evaluation.labels.items()))}
     return card
 
 
@@ -76,14 +125,12 @@ def _texts(example) -> list[str]:
     return [example.text]
 
 
-def _lengths(examples: list) -> dict[str, dict[str, float]]:
-    if not examples:
+def _lengths(side: SideSummary) -> dict[str, dict[str, float]]:
+    if not side.rows:
         return {}
-    chars = np.array([sum(len(t) for t in _texts(e)) for e in examples])
-    words = np.array([sum(len(t.split()) for t in _texts(e)) for e in examples])
     return {name: {"min": int(v.min()), "mean": round(float(v.mean()), 1), "median": float(np.median(v)),
                    "p95": float(np.percentile(v, 95)), "max": int(v.max())}
-            for name, v in (("chars", chars), ("words", words))}
+            for name, v in (("chars", side.chars), ("words", side.words))}
 
 
 def _bars(counts: dict[str, int], width: int = 30) -> list[str]:

@@ -36,6 +36,8 @@ _LSH_WEIGHTS = (0.02, 0.98)
 # Closer to 1, 128 permutations leave LSH fewer than two bands; candidates found at 0.99 include
 # every pair above it, and the exact check applies the real threshold.
 _LSH_MAX_THRESHOLD = 0.99
+NUM_PERM = 128
+SEED = 1
 
 
 class _PunctuationToSpace(dict[int, int]):
@@ -71,7 +73,7 @@ def exact_key(text: str) -> str:
 _ROLLING_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _shingles(text: str) -> np.ndarray:
+def shingles(text: str) -> np.ndarray:
     """Sorted distinct 32-bit hashes of the character 5-grams of the normalized text; a text
     shorter than that is one shingle, an empty one has none.
 
@@ -100,13 +102,27 @@ def _mix_to_32_bits(hashes: np.ndarray) -> np.ndarray:
     return (hashes >> np.uint64(32)).astype(np.uint32)
 
 
-def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two :func:`shingles` sets."""
     common = np.intersect1d(a, b, assume_unique=True).size
     return common / (a.size + b.size - common)
 
 
 def _already_hashed(value: int) -> int:
     return value
+
+
+@lru_cache(maxsize=8)
+def lsh_shape(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band) of the LSH banding :class:`NearDuplicateIndex` uses at ``threshold``."""
+    lsh = MinHashLSH(threshold=min(threshold, _LSH_MAX_THRESHOLD), num_perm=num_perm, weights=_LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def signature(text: str, num_perm: int = NUM_PERM, seed: int = SEED) -> np.ndarray | None:
+    """The MinHash signature (``num_perm`` values) of ``text``'s shingles; None when it has none."""
+    found, minhash = _fingerprint(text, num_perm, seed)
+    return minhash.hashvalues if found.size else None
 
 
 @lru_cache(maxsize=8)
@@ -118,10 +134,10 @@ def _empty_minhash(num_perm: int, seed: int) -> MinHash:
 @lru_cache(maxsize=4)
 def _fingerprint(text: str, num_perm: int, seed: int) -> tuple[np.ndarray, MinHash]:
     # Cached because callers query a text and then add it, or query two indexes with it.
-    shingles = _shingles(text)
+    found = shingles(text)
     minhash = _empty_minhash(num_perm, seed).copy()
-    minhash.update_batch(shingles.tolist())
-    return shingles, minhash
+    minhash.update_batch(found.tolist())
+    return found, minhash
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,7 @@ class NearDuplicateIndex:
     normalization) are never near duplicates of anything.
     """
 
-    def __init__(self, threshold: float = 0.85, num_perm: int = 128, seed: int = 1):
+    def __init__(self, threshold: float = 0.85, num_perm: int = NUM_PERM, seed: int = SEED):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
@@ -158,8 +174,8 @@ class NearDuplicateIndex:
     def query(self, text: str) -> list[Hashable]:
         """Keys of added texts with Jaccard similarity to ``text`` >= threshold, most similar
         first (ties: earliest added first)."""
-        shingles, minhash = _fingerprint(text, self.num_perm, self.seed)
-        if not shingles.size:
+        found, minhash = _fingerprint(text, self.num_perm, self.seed)
+        if not found.size:
             return []
         scored = []
         for key in self._lsh.query(minhash):
@@ -167,7 +183,7 @@ class NearDuplicateIndex:
             estimate = np.count_nonzero(entry.signature == minhash.hashvalues) / self.num_perm
             if estimate < self._estimate_floor:
                 continue
-            similarity = _jaccard(shingles, _shingles(entry.text))
+            similarity = jaccard(found, shingles(entry.text))
             if similarity >= self.threshold:
                 scored.append((-similarity, entry.order, key))
         return [key for _, _, key in sorted(scored, key=lambda item: item[:2])]
@@ -176,9 +192,9 @@ class NearDuplicateIndex:
         """Index ``text`` under ``key``; a key can be added once."""
         if key in self._entries:
             raise ValueError(f"key {key!r} is already in the index")
-        shingles, minhash = _fingerprint(text, self.num_perm, self.seed)
+        found, minhash = _fingerprint(text, self.num_perm, self.seed)
         self._entries[key] = _Indexed(len(self._entries), text, minhash.hashvalues)
-        if shingles.size:
+        if found.size:
             self._lsh.insert(key, minhash, check_duplication=False)
 
 

@@ -95,6 +95,12 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
         parts.append(_slice_table(sliced))
     if metrics.get("bias"):
         parts.append(_bias_table(metrics["bias"]))
+    if metrics.get("explanations"):
+        parts.append(_explanations(metrics["explanations"], spec.task))
+    if metrics.get("forgetting"):
+        parts.append(_forgetting(metrics["forgetting"]))
+    if metrics.get("privacy"):
+        parts.append(_privacy(metrics["privacy"]))
 
     if train_log:
         parts.append("<h2>Training loss</h2><table><tr><th>step</th><th>loss</th><th></th></tr>")
@@ -147,3 +153,76 @@ def _bias_table(bias: dict) -> str:
         rows.append(f"<tr><td>{_e(group)}</td><td>{tuned['rows']}</td><td>{rate(base)}</td><td>{rate(tuned)}</td>"
                     f"<td>{shown}</td></tr>")
     return "".join(rows) + "</table>"
+
+
+def _shaded(pieces: list[list], scale: float) -> str:
+    """Words or tokens on a background: green where the score is positive, red where negative."""
+    spans = []
+    for text, score in pieces:
+        alpha = min(1.0, abs(score) / scale) if scale else 0.0
+        rgb = "23,110,44" if score > 0 else "163,18,27"
+        spans.append(f"<span style='background:rgba({rgb},{alpha:.2f})' title='{score:+.3f}'>{_e(text)}</span>")
+    return " ".join(spans)
+
+
+def _explanations(explained: dict, task: str) -> str:
+    rows = explained["rows"]
+    if task == "classification":
+        parts = ["<h2>Explanations: word occlusion (tuned)</h2><p>Each word is dropped in turn; its score is the fall "
+                 "in the predicted label's probability (green: the word supports the label, red: it argues against).</p>"
+                 "<table><tr><th>label</th><th>most indicative words (summed over the sample)</th></tr>"]
+        for label, words in explained["indicative"].items():
+            parts.append(f"<tr><td>{_e(label)}</td><td>{_e(', '.join(f'{w} ({s:.2f})' for w, s in words))}</td></tr>")
+        parts.append("</table><table><tr><th>prediction</th><th>text</th></tr>")
+        for row in rows[:15]:
+            scale = max((abs(s) for _, s in row["words"]), default=0.0)
+            parts.append(f"<tr><td>{_e(row['prediction'])} ({row['confidence']:.2f})</td>"
+                         f"<td>{_shaded(row['words'], scale)}</td></tr>")
+        return "".join(parts) + "</table>"
+    parts = ["<h2>Explanations: where tuning changed token probabilities</h2><p>Log-probability of each reference "
+             "token under the tuned model minus under the base (green: tuned finds it likelier).</p>",
+             f"<p>Favoured most: {_e(', '.join(f'{t!r} ({c:+.2f})' for t, c in explained['favoured']))}. "
+             f"Disfavoured most: {_e(', '.join(f'{t!r} ({c:+.2f})' for t, c in explained['disfavoured']))}.</p>"
+             "<table><tr><th>mean change</th><th>reference tokens</th></tr>"]
+    for row in rows[:15]:
+        scale = max((abs(c) for _, c in row["tokens"]), default=0.0)
+        parts.append(f"<tr><td>{row['mean_change']:+.3f}</td><td>{_shaded(row['tokens'], scale)}</td></tr>")
+    return "".join(parts) + "</table>"
+
+
+def _forgetting(f: dict) -> str:
+    parts = [f"<h2>Forgetting: general ability</h2><p>Base and tuned on the general-ability set shipped with "
+             f"domaintune: perplexity on {f['texts']} paragraphs of everyday English and the share of {f['questions']} "
+             "general questions answered correctly. A large rise in perplexity or fall in answers is what the "
+             "domain tuning cost elsewhere.</p><table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"]
+    for name in ("perplexity", "qa_accuracy"):
+        b, t = f["base"][name], f["tuned"][name]
+        parts.append(f"<tr><td>{name}</td><td>{b:.4f}</td><td>{t:.4f}</td>"
+                     f"<td class='{_change_class(name, b, t)}'>{t - b:+.4f}</td></tr>")
+    parts.append("</table>")
+    if f["changed"]:
+        parts.append("<table><tr><th>question</th><th>base</th><th>tuned</th></tr>")
+        for c in f["changed"]:
+            mark = "better" if c["tuned_correct"] else "worse"
+            parts.append(f"<tr><td>{_e(c['question'])}</td><td>{_e(c['base'])}</td>"
+                         f"<td class='{mark}'>{_e(c['tuned'])}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts)
+
+
+def _privacy(p: dict) -> str:
+    parts = [f"<h2>Privacy audit</h2><p>Canaries (random secrets) were planted in the training rows. Exposure ranks "
+             f"each among {p['candidates']} random secrets of the same format: about 1 means not learned, "
+             f"{p['max_exposure']:.1f} means it is the model's first guess (memorised). Controls were never planted.</p>"
+             "<table><tr><th>canary</th><th>copies in training</th><th>base exposure</th><th>tuned exposure</th></tr>"]
+    for c in [*p["canaries"], *({**c, "repeats": 0} for c in p["controls"])]:
+        risky = " class='worse'" if c["repeats"] and c["exposure"]["tuned"] > p["max_exposure"] / 2 else ""
+        parts.append(f"<tr><td>{_e(c['canary'])}</td><td>{c['repeats'] or 'control'}</td>"
+                     f"<td>{c['exposure']['base']:.2f}</td><td{risky}>{c['exposure']['tuned']:.2f}</td></tr>")
+    parts.append("</table>")
+    r = p["regurgitation"]
+    if r["rows"]:
+        parts.append(f"<p>Regurgitation: {r['rows']} training rows prompted with their beginning; continued verbatim "
+                     f"for {r['tokens']} tokens by the base in {r['verbatim']['base']:.1%} and by the tuned model in "
+                     f"{r['verbatim']['tuned']:.1%} of them.</p>")
+    return "".join(parts)

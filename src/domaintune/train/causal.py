@@ -4,6 +4,7 @@ continued pretraining on raw text; greedy generation and perplexity for evaluati
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from rich.console import Console
 
 from domaintune.data.examples import ChatExample
 from domaintune.errors import DataError
+from domaintune.train import distributed
 from domaintune.train.batching import length_grouped_batches, pad_right
 from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
-
-IGNORE = -100
+from domaintune.train.packing import IGNORE, pack_rows, packing_honoured, row_attention
 
 # Used only when a tokenizer has no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -92,6 +93,18 @@ def _batch(rows: list[Tokenized], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def _pack(rows: list[Tokenized]) -> dict:
+    batch = pack_rows([r.input_ids for r in rows], [r.labels for r in rows])
+    batch["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rows))
+    return batch
+
+
+def _prompt_learning(model) -> bool:
+    """Prompt and prefix tuning put learned positions before each row: rows cannot be packed."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
+
+
 def _virtual_tokens(model) -> int:
     """How many positions prompt tuning puts before the input (its logits cover them too)."""
     config = getattr(model, "active_peft_config", None)
@@ -99,7 +112,8 @@ def _virtual_tokens(model) -> int:
 
 
 def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood of the labelled tokens, and their mask.
+    """Per-token negative log-likelihood of the labelled tokens, and their mask. ``batch`` is
+    padded (with ``attention_mask``) or packed (with ``position_ids``, see ``packing``).
 
     Logits are computed only at the positions where some row of the batch has a label: for sft
     that is the answers, a fraction of each sequence, and the vocabulary projection is the
@@ -111,8 +125,11 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     keep = mask.any(0).nonzero().squeeze(1)
     full = len(keep) == targets.size(1)
     offset = _virtual_tokens(model)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=0 if full else keep + offset).logits
+    if "position_ids" in batch:  # packed; transformers reads the restarts as row boundaries only without a cache
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs, logits_to_keep=0 if full else keep + offset).logits
     logits = logits[:, offset:-1] if full else logits
     targets, mask = (targets, mask) if full else (targets[:, keep], mask[:, keep])
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -121,19 +138,49 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, batch_size: int,
-                 console: Console, description: str, eval_rows: list[Tokenized] | None = None) -> list[dict]:
+                 console: Console, description: str, eval_rows: list[Tokenized] | None = None,
+                 packing: bool = True) -> list[dict]:
     """Fine-tune on ``rows`` with next-token cross-entropy over the labelled tokens; with
-    ``eval_rows``, ``loop.eval_every`` measures the same loss on them."""
+    ``eval_rows``, ``loop.eval_every`` measures the same loss on them.
+
+    Batches hold ``batch_size`` rows of similar length. With ``packing`` each batch is laid end
+    to end as one sequence instead of padded (see ``packing``), unless the method or the
+    architecture cannot keep packed rows apart. Under torchrun each process takes its share of
+    the rows of every batch.
+    """
     seed_everything(loop.seed)
+    packing = packing and not _prompt_learning(model)
+    with row_attention(model) if packing else nullcontext():
+        if packing and not packing_honoured(model, [r.input_ids for r in rows[:2]]):
+            console.print("[yellow]this architecture lets packed rows attend to each other: training on padded batches[/]")
+            packing = False
+        return _train(model, tokenizer, rows, loop, batch_size, console, description, eval_rows, packing)
+
+
+def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size: int, console: Console,
+           description: str, eval_rows: list[Tokenized] | None, packing: bool) -> list[dict]:
     lengths = [len(r.input_ids) for r in rows]
 
     def batches_for_epoch(epoch: int) -> list[dict]:
-        return [_batch([rows[i] for i in idx], tokenizer.pad_token_id)
-                for idx in length_grouped_batches(lengths, batch_size, loop.seed + epoch)]
+        batches = []
+        for idx in length_grouped_batches(lengths, batch_size, loop.seed + epoch):
+            mine = [rows[i] for i in distributed.shard(idx)]
+            if not mine:  # a last batch smaller than the number of processes
+                batches.append({})
+            else:
+                batches.append(_pack(mine) if packing else _batch(mine, tokenizer.pad_token_id))
+        return batches
 
     def loss_fn(m, batch: dict) -> tuple[torch.Tensor, int]:
+        # The loss is the mean over the labelled tokens of the whole batch, in every process:
+        # each sums its own and divides by the count over all of them (gradients are then averaged).
+        if not batch:
+            distributed.all_sum(0)
+            return torch.zeros((), requires_grad=True), 0
         nll, mask = _token_losses(m, batch)
-        return (nll * mask).sum() / mask.sum().clamp(min=1), int(batch["attention_mask"].sum())
+        labelled = distributed.all_sum(int(mask.sum())) / distributed.world_size()
+        tokens = batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"].sum()
+        return (nll * mask).sum() / max(1.0, labelled), int(tokens)
 
     def eval_loss(m) -> float:
         return math.log(perplexity(m, tokenizer, eval_rows, batch_size)[0])

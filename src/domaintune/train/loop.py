@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from domaintune.train import distributed
 from domaintune.train.checkpoint import (TrainState, load_checkpoint, load_trainable_state, save_checkpoint,
                                          trainable_state)
 from domaintune.train.trackers import open_tracker
@@ -96,6 +97,10 @@ def train_loop(
     ``loss_fn`` returns the mean loss and the number of tokens (or rows) it covered, for the
     throughput shown; ``eval_loss(model)`` returns the held-out loss (the model is in eval mode).
     One optimiser step takes ``gradient_accumulation_steps`` consecutive batches of an epoch.
+
+    Under torchrun every process calls this with its share of each batch (see
+    ``domaintune.train.distributed``); gradients are averaged before each step, and rank 0 alone
+    writes the log, the checkpoints and the progress bar.
     """
     first_epoch = batches_for_epoch(0)  # built once: it also tells the number of steps
     accumulation = config.gradient_accumulation_steps
@@ -105,6 +110,7 @@ def train_loop(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     checkpoint_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
+    main = distributed.is_main()
     checkpoints = config.run_dir / "checkpoints" if config.run_dir is not None and checkpoint_every else None
     patience = config.early_stopping_patience if eval_loss is not None else None
     pause_after = int(os.environ.get(PAUSE_AFTER_STEP_ENV, "0"))
@@ -120,15 +126,17 @@ def train_loop(
         if restored is not None:
             state, best_weights = restored
             console.print(f"resuming at step {state.step} of {total_steps}")
+    distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
 
-    log_file = None
-    if config.run_dir is not None:
+    log_file = tracker = None
+    if config.run_dir is not None and main:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(config.run_dir / "train_log.jsonl", "w", encoding="utf-8")
         # a resumed run starts from its checkpoint's log: steps logged after it are redone
         log_file.writelines(json.dumps(record) + "\n" for record in state.log)
-    tracker = open_tracker(config.report_to, config.run_dir or Path("."), config.run_name,
-                           {k: v for k, v in asdict(config).items() if k != "run_dir"})
+    if main:
+        tracker = open_tracker(config.report_to, config.run_dir or Path("."), config.run_name,
+                               {k: v for k, v in asdict(config).items() if k != "run_dir"})
 
     model.train()
     started = time.perf_counter() - state.elapsed_s
@@ -137,7 +145,7 @@ def train_loop(
                TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.1e} {task.fields[speed]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=console, transient=False, disable=not main) as progress:
             bar = progress.add_task(description, total=total_steps, completed=state.step, loss=float("nan"),
                                     lr=0.0, speed="")
             while state.step < total_steps and state.stopped is None:
@@ -148,12 +156,14 @@ def train_loop(
                 lr = config.learning_rate * lr_factor(config.scheduler, state.step, warmup, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, step_tokens = 0.0, 0
                 for batch in micro_batches:
                     loss, n_tokens = loss_fn(model, batch)
                     (loss / len(micro_batches)).backward()
                     loss_sum += float(loss.detach())
-                    state.tokens_seen += n_tokens
+                    step_tokens += n_tokens
+                distributed.average_gradients(trainable)
+                state.tokens_seen += int(distributed.all_sum(step_tokens))
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -162,7 +172,7 @@ def train_loop(
                 record = {
                     "step": state.step,
                     "epoch": round(state.step / steps_per_epoch, 4),
-                    "loss": loss_sum / len(micro_batches),
+                    "loss": distributed.all_sum(loss_sum / len(micro_batches)) / distributed.world_size(),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": state.tokens_seen / state.elapsed_s if state.elapsed_s > 0 else 0.0,
@@ -170,7 +180,8 @@ def train_loop(
                 }
                 if eval_loss is not None and config.eval_every and state.step % config.eval_every == 0:
                     best_weights = _evaluate(model, eval_loss, record, state, patience, best_weights)
-                if config.max_minutes is not None and state.elapsed_s >= 60 * config.max_minutes:
+                # every process must stop at the same step: the first to run out of time decides
+                if config.max_minutes is not None and distributed.any_true(state.elapsed_s >= 60 * config.max_minutes):
                     state.stopped = f"training.max_minutes={config.max_minutes} reached"
                 state.log.append(record)
                 if log_file:
@@ -183,7 +194,7 @@ def train_loop(
                 finished = state.step >= total_steps or state.stopped is not None
                 if finished and best_weights is not None:
                     load_trainable_state(model, best_weights)  # early stopping keeps the best evaluation's weights
-                if checkpoints is not None and (finished or state.step % checkpoint_every == 0):
+                if checkpoints is not None and main and (finished or state.step % checkpoint_every == 0):
                     save_checkpoint(checkpoints, model, optimizer, state, plan, best_weights)
                 if state.step == pause_after:
                     time.sleep(3600)

@@ -1,0 +1,96 @@
+"""``domaintune update``: a new version of a registered model, gated against production."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from domaintune.cli.common import err, fail, out
+from domaintune.errors import DomaintuneError
+
+
+def update(
+    name: Annotated[str, typer.Argument(help="The registered model to update (its production version is the start).")],
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="A file of new rows in the recipe's format (repeatable).")] = None,
+    feedback: Annotated[bool, typer.Option("--feedback", help="Add the corrections captured by the server for this model.")] = False,
+    feedback_db: Annotated[Optional[Path], typer.Option("--feedback-db", help="The server's feedback store (default: feedback.db in $DOMAINTUNE_HOME).")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="Only feedback given on or after this date (ISO, e.g. 2025-06-01).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be trained on (by source, duplicates, personal data) and stop.")] = False,
+    gate: Annotated[Optional[str], typer.Option("--gate", help="Condition on every earlier eval set; base. is production, tuned. the candidate (default: difference.<metric>.low >= -tolerance).")] = None,
+    gate_new: Annotated[Optional[str], typer.Option("--gate-new", help="Condition on the new eval rows (default: difference.<metric> > 0).")] = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest drop the default gate accepts on an earlier eval set (update.tolerance).")] = None,
+    replay_ratio: Annotated[Optional[float], typer.Option("--replay-ratio", help="Earlier training rows mixed in, per new training row (update.replay_ratio).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="update.learning_rate (default: half of production's).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="update.epochs (default: production's).")] = None,
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Promote a candidate that passes to production, or leave it in staging.")] = True,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where the run directory goes (default: next to production's).")] = None,
+    registry_url: Annotated[Optional[str], typer.Option("--registry-url", help="Registry database URL (default: $DOMAINTUNE_REGISTRY_URL or sqlite in $DOMAINTUNE_HOME).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a new version of NAME from its production version on new rows and feedback, with a
+    replay of earlier rows, and compare it with production on every earlier eval set and the new rows.
+
+    Exit codes: 0 promoted (or staged, or a dry run), 2 a problem with the input, 3 the gate
+    rejected the candidate (it is registered as archived; production is unchanged).
+    """
+    from domaintune.update.updater import update as run_update
+
+    progress = Console(stderr=True, quiet=quiet or as_json)
+    try:
+        result = run_update(name, data or [], feedback=feedback, feedback_db=feedback_db, since=since, dry_run=dry_run,
+                            gate=gate, gate_new=gate_new, promote=promote, replay_ratio=replay_ratio,
+                            learning_rate=learning_rate, epochs=epochs, tolerance=tolerance,
+                            registry_url=registry_url, output_dir=output_dir, console=progress)
+    except DomaintuneError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(result.summary(), default=str))
+    elif dry_run:
+        _print_data(result)
+    else:
+        _print_result(result)
+    if not dry_run and not result.passed:
+        raise typer.Exit(3)
+
+
+def _print_data(result) -> None:
+    summary = result.assembly.summary()
+    out.print(f"update of {result.parent} would train on:")
+    for source, count in sorted(summary["train_rows"].items()):
+        out.print(f"  {source:<9} {count} rows")
+    out.print(f"  held out  {summary['eval_rows']} new rows" + ("" if summary["new_eval"] else " (production's eval set)"))
+    out.print(f"duplicates of earlier data dropped: {summary['earlier_duplicates_dropped']}; "
+              f"dropped by the data steps: {summary['dropped_by_data_steps']}")
+    pii = summary["pii_found"]
+    out.print(f"personal data found: {sum(pii.values())}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(pii.items()))})" if pii else ""))
+    if summary["feedback_skipped"]:
+        out.print("feedback not used: " + ", ".join(f"{n} {k}" for k, n in sorted(summary["feedback_skipped"].items())))
+
+
+def _print_result(result) -> None:
+    table = Table(title=f"{result.name}: candidate vs production {result.parent}")
+    for column in ("eval set", "rows", "production", "candidate", "change (95% interval)", "gate"):
+        table.add_column(column, justify="left" if column == "eval set" else "right")
+    for c in result.comparisons:
+        metric = next(iter(c["intervals"]), None) or next(k for k in c["candidate"] if k != "model")
+        interval = c["intervals"].get(metric, {}).get("difference")
+        change = c["candidate"][metric] - c["production"][metric]
+        held = all(g["passed"] for g in c["gates"])
+        table.add_row(c["eval_set"], str(c["eval_rows"]), f"{c['production'][metric]:.4f} {metric}",
+                      f"{c['candidate'][metric]:.4f}",
+                      f"{change:+.4f}" + (f" ({interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""),
+                      "[green]held[/]" if held else "[red]failed[/]")
+    out.print(table)
+    for clause in result.failing:
+        err.print(f"[bold red]gate failed:[/] {clause}", highlight=False, soft_wrap=True)
+    verdict = {"production": "promoted to production", "staging": "left in staging",
+               "archived": "rejected (archived; production unchanged)"}[result.stage]
+    out.print(f"{result.registered}: {verdict}")
+    out.print(f"report: {result.run_dir / 'update_report.md'}")
+    out.print(str(result.run_dir))

@@ -1,0 +1,471 @@
+"""The data steps for files too large to hold in memory, in three passes over disk:
+
+1. Stream the rows through validate → clean → redact PII in worker processes (chunks of rows,
+   results in file order), spooling each kept example as a JSON line and keeping only numbers
+   per row in memory: its offset in the spool, exact key, label, split value and lengths; the
+   MinHash band hashes go to files (``data.dedup_index``).
+2. Decide duplicates and leaks from those arrays, reading back only the texts of candidate pairs.
+3. Split (``data.array_split``), check eval labels, and copy the spooled lines to
+   ``data/train.jsonl`` and ``data/eval.jsonl``, the dropped ones with their reasons to
+   ``data/quarantine.jsonl`` when asked, and write the card.
+
+Memory grows by some 60 bytes per row (plus 32 per near-duplicate candidate pair), not with the
+text. The per-row steps are ``data.steps.RowSteps``, the ones ``prepare`` runs; see
+``data.prepare`` for where the results can differ from it. Rows dropped by one of the first two
+steps are kept in no list: the card counts them, and ``data/quarantine.jsonl`` holds them when
+``on_bad_rows: quarantine``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from array import array
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.text import Text
+
+from domaintune.catalog import sha256_file
+from domaintune.data.array_split import group_mask, holdout_mask, time_mask
+from domaintune.data.card import DroppedTally, SideSummary, card_from_tallies, write_card
+from domaintune.data.dedup_index import FingerprintStore, Fingerprints, find_duplicates, fingerprint
+from domaintune.data.readers import Row, iter_rows
+from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, from_fields, key_text, make_redactor, \
+    raise_bad_rows, split_field, texts
+from domaintune.errors import DataError
+from domaintune.recipe import Recipe
+
+CHUNK_ROWS = 256  # rows per task sent to a worker: large enough to amortise pickling
+_IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: bounds what is read ahead of the workers
+_BAD_ROWS_LISTED = 5
+
+
+def prepare_streaming(spec: Recipe, root: Path, directory: Path, console: Console | None = None,
+                      workers: int | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """Run the data steps of ``spec`` (paths relative to ``root``) and write the results to
+    ``directory`` as ``write_prepared`` does. Returns the card and the processed files.
+    ``workers``: processes for the per-row steps (default: the CPUs this process may use)."""
+    console = console or Console(stderr=True, quiet=True)
+    workers = workers or len(os.sched_getaffinity(0))
+    d = spec.data
+    sources = {"train": root / d.train, **({"eval": root / d.eval} if d.eval else {})}
+    make_redactor(spec)  # a missing pseudonym secret is the recipe's error: raise it before any work
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=directory.parent) as spool_dir:
+        spool = _Spool(Path(spool_dir), spec)
+        try:
+            with _progress(console) as progress:
+                for role, path in sources.items():
+                    spool.read(role, path, workers, progress)
+                spool.finish_reading()
+                if d.on_bad_rows == "error" and spool.bad_rows:
+                    raise_bad_rows(spool.bad_rows, spool.dropped.total)
+                decisions = _deduplicate(spool, progress)
+            return _write(spool, decisions, sources, directory)
+        finally:
+            spool.close()
+
+
+@dataclass
+class _Chunk:
+    """What a worker made of a chunk of rows."""
+
+    rows: int
+    lines: list[str] = field(default_factory=list)  # kept examples as rows of data/train.jsonl
+    dropped: list[Dropped] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    split_values: list[float] = field(default_factory=list)  # time, or a group's hash
+    chars: list[int] = field(default_factory=list)
+    words: list[int] = field(default_factory=list)
+    prints: Fingerprints | None = None
+    changed: int = 0
+    pii: Counter = field(default_factory=Counter)
+    rows_with_pii: int = 0
+
+
+_worker: dict[str, Any] = {}  # each worker process's RowSteps per role, built once
+
+
+def _start_worker(spec: Recipe) -> None:
+    _worker.clear()
+    _worker["spec"] = spec
+    _worker["redactor"] = make_redactor(spec)
+
+
+def _work(task: tuple[str, list[Row]]) -> _Chunk:
+    role, rows = task
+    spec: Recipe = _worker["spec"]
+    steps = _worker.get(role) or _worker.setdefault(role, RowSteps(spec, role, _worker["redactor"]))
+    name = split_field(spec)
+    chunk = _Chunk(len(rows))
+    kept: list[Example] = []
+    for row in rows:
+        outcome = steps.run(row)
+        if outcome.example is None:
+            chunk.dropped.append(outcome.dropped)
+            continue
+        example = outcome.example
+        kept.append(example)
+        chunk.lines.append(json.dumps({**as_fields(example), "where": example.where}, ensure_ascii=False))
+        chunk.labels.append(getattr(example, "label", None))
+        if name:
+            value = example.meta[name]
+            chunk.split_values.append(value if spec.data.split.by == "time" else _group_hash(value))
+        held = texts(example)
+        chunk.chars.append(sum(len(t) for t in held))
+        chunk.words.append(sum(len(t.split()) for t in held))
+        chunk.changed += outcome.changed
+        chunk.pii.update(outcome.pii)
+        chunk.rows_with_pii += bool(outcome.pii)
+    if spec.data.dedup.exact or spec.data.dedup.near:
+        chunk.prints = fingerprint([key_text(e) for e in kept], spec.data.dedup.threshold)
+    return chunk
+
+
+def _group_hash(value: Any) -> float:
+    # A group's identity as a float64 (53 bits of a hash): the split needs equality only, and one
+    # float array serves both the time and the group split.
+    return float(int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest()) >> 11)
+
+
+def _ordered(pool: Any, tasks: Iterable[Any], window: int) -> Iterator[_Chunk]:
+    """``pool.imap(_work, tasks)`` with at most ``window`` tasks read ahead: imap itself reads its
+    whole input at once, which for a large file means the whole file in memory."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_work, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _Spool:
+    """The examples kept by the per-row steps, on disk, and the numbers kept of each in memory."""
+
+    def __init__(self, directory: Path, spec: Recipe):
+        self.directory = directory
+        self.spec = spec
+        self.path = directory / "examples.jsonl"
+        self._out = open(self.path, "wb")
+        self.offsets = array("q")
+        self.label_ids = array("i")
+        self.label_names: dict[str, int] = {}
+        self.split_values = array("d")
+        self.chars = array("q")
+        self.words = array("q")
+        dedup = spec.data.dedup
+        self.prints = FingerprintStore(directory / "bands", dedup.threshold) if dedup.exact or dedup.near else None
+        self.rows_in: dict[str, int] = {}
+        self.kept_in: dict[str, int] = {}  # examples spooled per role
+        self.dropped = DroppedTally()
+        self.bad_rows: list[Dropped] = []  # the first few, for on_bad_rows: error
+        self.quarantine = directory / "dropped.jsonl"
+        self._quarantine = open(self.quarantine, "w", encoding="utf-8") if spec.data.on_bad_rows == "quarantine" \
+            else None
+        self.pii: Counter = Counter()
+        self.rows_with_pii = self.cleaned_rows = 0
+        self._reader: Any = None
+
+    def read(self, role: str, path: Path, workers: int, progress: Progress) -> None:
+        """Run the per-row steps over the file ``path`` and spool what they keep."""
+        task = progress.add_task(f"{role}: {path.name}", total=_count_rows(path))
+        steps = RowSteps(self.spec, role, None)
+        chunks = ((role, chunk) for chunk in _checked(_chunks(iter_rows(path)), steps))
+        before = len(self.offsets)
+        self.rows_in[role] = 0
+        if workers > 1:
+            with multiprocessing.Pool(workers, initializer=_start_worker, initargs=(self.spec,)) as pool:
+                for chunk in _ordered(pool, chunks, workers * _IN_FLIGHT_PER_WORKER):
+                    self._add(role, chunk)
+                    progress.advance(task, chunk.rows)
+        else:
+            _start_worker(self.spec)
+            for chunk in map(_work, chunks):
+                self._add(role, chunk)
+                progress.advance(task, chunk.rows)
+        progress.update(task, total=self.rows_in[role], completed=self.rows_in[role])
+        if not self.rows_in[role]:
+            raise DataError("the file has no data rows", where=str(path))
+        self.kept_in[role] = len(self.offsets) - before
+
+    def _add(self, role: str, chunk: _Chunk) -> None:
+        self.rows_in[role] += chunk.rows
+        position = self._out.tell()
+        for line in chunk.lines:
+            self.offsets.append(position)
+            data = line.encode("utf-8") + b"\n"
+            self._out.write(data)
+            position += len(data)
+        for label in chunk.labels:
+            self.label_ids.append(-1 if label is None else self.label_names.setdefault(label, len(self.label_names)))
+        self.split_values.extend(chunk.split_values)
+        self.chars.extend(chunk.chars)
+        self.words.extend(chunk.words)
+        if self.prints is not None and chunk.prints is not None:
+            self.prints.append(chunk.prints)
+        for dropped in chunk.dropped:
+            self.drop(dropped)
+        self.pii.update(chunk.pii)
+        self.rows_with_pii += chunk.rows_with_pii
+        self.cleaned_rows += chunk.changed
+
+    def drop(self, dropped: Dropped) -> None:
+        """Count a dropped row, and quarantine it when the recipe says so."""
+        self.dropped.add(dropped)
+        if len(self.bad_rows) < _BAD_ROWS_LISTED and dropped.step in ("validate", "clean"):
+            self.bad_rows.append(dropped)
+        if self._quarantine is not None:
+            self._quarantine.write(json.dumps({"where": dropped.where, "source": dropped.source, "step": dropped.step,
+                                               "reason": dropped.reason, "row": dropped.fields},
+                                              ensure_ascii=False, default=str) + "\n")
+
+    def finish_reading(self) -> None:
+        self._out.close()
+        if self.prints is not None:
+            self.prints.close()
+        self._reader = open(self.path, "rb")
+
+    def line(self, row: int) -> bytes:
+        """The spooled JSON line of example ``row``."""
+        self._reader.seek(self.offsets[row])
+        return self._reader.readline()
+
+    def example(self, row: int) -> Example:
+        return from_fields(json.loads(self.line(row)), self.spec.task)
+
+    def lines(self) -> Iterator[bytes]:
+        """Every spooled line, in order."""
+        with open(self.path, "rb") as fh:
+            yield from fh
+
+    def close(self) -> None:
+        for fh in (self._out, self._quarantine, self._reader):
+            if fh is not None:
+                fh.close()
+
+
+def _chunks(rows: Iterator[Row]) -> Iterator[list[Row]]:
+    while chunk := list(islice(rows, CHUNK_ROWS)):
+        yield chunk
+
+
+def _checked(chunks: Iterator[list[Row]], steps: RowSteps) -> Iterator[list[Row]]:
+    """The chunks, after checking the file's columns on its first readable row."""
+    checked = False
+    for chunk in chunks:
+        if not checked and any(row.problem is None for row in chunk):
+            steps.require_columns(chunk)
+            checked = True
+        yield chunk
+
+
+def _count_rows(path: Path) -> int | None:
+    """About how many rows ``path`` holds, for the progress bar: its lines (one pass at disk speed),
+    a Parquet file's row count, nothing for a .json list."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if suffix == ".json":
+        return None
+    lines = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            lines += block.count(b"\n")
+    return lines - (suffix in (".csv", ".tsv"))
+
+
+def _deduplicate(spool: _Spool, progress: Progress):
+    if spool.prints is None:
+        return None
+    dedup = spool.spec.data.dedup
+    task = progress.add_task("duplicates: bands", total=spool.prints.bands)
+    decisions = find_duplicates(spool.prints, spool.kept_in["train"], lambda row: key_text(spool.example(row)),
+                                exact=dedup.exact, near=dedup.near, on_band=lambda _: progress.advance(task))
+    return decisions
+
+
+def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path) -> tuple[dict[str, Any], list[Path]]:
+    spec, d = spool.spec, spool.spec.data
+    n, n_train = len(spool.offsets), spool.kept_in["train"]
+    kept = decisions.kept if decisions is not None else np.ones(n, dtype=bool)
+    is_eval = np.arange(n) >= n_train
+    labels = np.frombuffer(spool.label_ids, dtype=np.int32) if n else np.zeros(0, np.int32)
+    split_note = "eval file"
+    if "eval" not in sources:
+        is_eval = np.zeros(n, dtype=bool)
+        is_eval[kept] = _split(spec, np.flatnonzero(kept), labels, np.frombuffer(spool.split_values) if
+                               len(spool.split_values) else None)
+        split_note = d.split.by
+    unseen = np.zeros(n, dtype=bool)
+    if spec.task == "classification":
+        seen = np.unique(labels[kept & ~is_eval])
+        unseen = kept & is_eval & ~np.isin(labels, seen)
+        if unseen.any() and d.on_bad_rows == "error":
+            first = [spool.example(row) for row in np.flatnonzero(unseen)[:3].tolist()]
+            places = ", ".join(f"{e.where} ({e.label!r})" for e in first)
+            raise DataError(f"{int(unseen.sum())} eval rows have labels that never occur in training: {places}",
+                            hint="add training rows for those labels, remove them from the eval file, "
+                                 "or set data.on_bad_rows: skip")
+        if len(seen) < 2:
+            names = {i: name for name, i in spool.label_names.items()}
+            raise DataError(f"classification needs at least two labels; training has {sorted(names[i] for i in seen)}",
+                            where=str(sources["train"]))
+    train_rows, eval_rows = kept & ~is_eval, kept & is_eval & ~unseen
+    if not train_rows.any() or not eval_rows.any():
+        raise DataError(f"after the data steps {int(train_rows.sum())} training and {int(eval_rows.sum())} eval rows "
+                        "are left", where=str(sources["train"]),
+                        hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "
+                             "for what was dropped")
+
+    conflicts = 0
+    if decisions is not None:
+        dup_train = np.flatnonzero(~kept[:n_train])
+        conflicts = int(np.count_nonzero(labels[dup_train] != labels[decisions.duplicate_of[dup_train]])) \
+            if spec.task == "classification" else 0
+    data_dir = directory / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = [data_dir / "train.jsonl", data_dir / "eval.jsonl"]
+    eval_role = "eval" if "eval" in sources else "train"
+    with open(files[0], "wb") as train_out, open(files[1], "wb") as eval_out:
+        for row, line in enumerate(spool.lines()):
+            if train_rows[row]:
+                train_out.write(line)
+            elif eval_rows[row]:
+                eval_out.write(line)
+            elif unseen[row]:
+                example = spool.example(row)
+                spool.drop(Dropped(eval_role, "labels", example.where, f"label {example.label!r} never occurs in "
+                                   "training", _row_fields(line)))
+            else:
+                spool.drop(_duplicate(spool, decisions, row, line, n_train))
+    spool.close()
+    if d.on_bad_rows == "quarantine":
+        files.append(data_dir / "quarantine.jsonl")
+        shutil.move(spool.quarantine, files[-1])
+
+    names = {i: name for name, i in spool.label_names.items()}
+    chars, words = np.frombuffer(spool.chars, dtype=np.int64), np.frombuffer(spool.words, dtype=np.int64)
+
+    def summary(mask: np.ndarray) -> SideSummary:
+        counts = np.bincount(labels[mask], minlength=len(names)) if spec.task == "classification" else []
+        return SideSummary(int(mask.sum()), {names[i]: int(c) for i, c in enumerate(counts) if c},
+                           chars[mask] if n else chars, words[mask] if n else words)
+
+    card = card_from_tallies(
+        spec=spec, sources={role: (path, spool.rows_in[role]) for role, path in sources.items()},
+        train=summary(train_rows), evaluation=summary(eval_rows), dropped=spool.dropped, pii_counts=dict(spool.pii),
+        rows_with_pii=spool.rows_with_pii, cleaned_rows=spool.cleaned_rows, label_conflicts=conflicts,
+        split=split_note)
+    card["processed"] = [{"file": str(p.relative_to(directory)), "sha256": sha256_file(p)} for p in files]
+    write_card(card, directory)
+    return card, files
+
+
+def _split(spec: Recipe, rows: np.ndarray, labels: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """Which of the kept training ``rows`` are held out for evaluation."""
+    s = spec.data.split
+    seed = s.seed if s.seed is not None else spec.training.seed
+    if s.by == "group":
+        return group_mask(values[rows], s.eval_fraction, seed)
+    if s.by == "time":
+        return time_mask(values[rows], s.eval_fraction)
+    return holdout_mask(len(rows), s.eval_fraction, seed, labels[rows] if spec.task == "classification" else None)
+
+
+def _duplicate(spool: _Spool, decisions: Any, row: int, line: bytes, n_train: int) -> Dropped:
+    first = int(decisions.duplicate_of[row])
+    kind = "near" if decisions.near[row] else "exact"
+    where = json.loads(line)["where"]
+    target = json.loads(spool.line(first))["where"]
+    if row < n_train:
+        return Dropped("train", "dedup", where, f"{kind} duplicate of {target}", _row_fields(line))
+    if first < n_train:
+        return Dropped("eval", "leakage", where, f"{kind} duplicate of training row {target}", _row_fields(line))
+    return Dropped("eval", "dedup", where, f"{kind} duplicate of {target}", _row_fields(line))
+
+
+def _row_fields(line: bytes) -> dict[str, Any]:
+    fields = json.loads(line)
+    fields.pop("where", None)
+    return fields
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:,.0f}/s" if task.speed else "", style="progress.data.speed")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("data: {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    disable=console.quiet)
+
+
+class WrittenExamples(Sequence[Example]):
+    """The examples of a written ``data/train.jsonl`` or ``data/eval.jsonl``, read when iterated."""
+
+    def __init__(self, path: Path, task: str, count: int):
+        self.path, self.task, self._count = path, task, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Example]:
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                yield from_fields(json.loads(line), self.task)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(islice(self, *index.indices(self._count)))
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        return next(islice(self, index % self._count, None))
+
+
+class WrittenDropped(Sequence[Dropped]):
+    """The dropped rows of a written ``data/quarantine.jsonl``, read when iterated."""
+
+    def __init__(self, path: Path, count: int):
+        self.path, self._count = path, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Dropped]:
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                item = json.loads(line)
+                yield Dropped(item["source"], item["step"], item["where"], item["reason"], item["row"])
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(islice(self, *index.indices(self._count)))
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        return next(islice(self, index % self._count, None))
+
+
+def as_sequences(directory: Path, card: dict[str, Any], task: str,
+                 quarantine: bool) -> tuple[Sequence[Example], Sequence[Example], Sequence[Dropped]]:
+    """Read-only views of what ``prepare_streaming`` wrote: train, eval and the dropped rows
+    (empty unless quarantined)."""
+    data = directory / "data"
+    dropped: Sequence[Dropped] = WrittenDropped(data / "quarantine.jsonl", card["dropped_total"]) if quarantine else []
+    return (WrittenExamples(data / "train.jsonl", task, card["kept"]["train"]),
+            WrittenExamples(data / "eval.jsonl", task, card["kept"]["eval"]), dropped)

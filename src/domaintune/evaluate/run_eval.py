@@ -1,0 +1,307 @@
+"""Evaluate finished runs again: base and tuned of one run on its own held-out rows or on another
+file (``domaintune eval``), or several runs on the same rows side by side (``domaintune compare``).
+
+A run directory holds everything needed: ``recipe.yaml`` (the resolved recipe), ``adapter/`` and
+the processed ``data/train.jsonl`` and ``data/eval.jsonl``. Another file goes through the run's
+own data steps (validation, cleaning, PII redaction, and the leakage check against its training
+rows) before any model sees it, so its numbers mean what the run's own metrics.json means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from rich.console import Console
+
+from domaintune import catalog
+from domaintune.data.examples import ChatExample, TextExample
+from domaintune.errors import DataError, DomaintuneError
+from domaintune.evaluate import metrics as M
+from domaintune.evaluate.comparison import compare_classification, compare_generation
+from domaintune.evaluate.intervals import bootstrap_interval
+from domaintune.recipe import Recipe, load_recipe
+
+Example = TextExample | ChatExample
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, loaded: its recipe, base model, tokenizer and tuned model."""
+
+    run_dir: Path
+    spec: Recipe
+    base: catalog.BaseModel
+    tokenizer: Any
+    model: Any  # classification: MeanPoolClassifier; otherwise a causal LM (PEFT-wrapped or full)
+    labels: list[str]  # classification only
+
+    def load_base(self):
+        """A fresh copy of the untuned base (the encoder, for classification)."""
+        if self.spec.task == "classification":
+            return catalog.load_encoder(self.base)
+        if self.spec.method == "qlora":
+            from domaintune.train.methods import load_quantized_causal_lm
+
+            return load_quantized_causal_lm(self.base.path)
+        return catalog.load_causal_lm(self.base)
+
+
+def run_base(run_dir: Path, spec: Recipe) -> catalog.BaseModel:
+    """The base a run was trained on: the folder its lineage recorded (a recipe's relative path
+    was relative to the recipe, not to the run), else the recipe's name through the catalog."""
+    lineage = run_dir / "lineage.json"
+    if lineage.is_file():
+        recorded = Path(json.loads(lineage.read_text(encoding="utf-8"))["base_model"]["path"])
+        if (recorded / "config.json").is_file():
+            return catalog.BaseModel(name=spec.base_model, path=recorded)
+    return catalog.resolve(spec.base_model, base_dir=run_dir)
+
+
+def load_run_model(run_dir: str | Path) -> LoadedRun:
+    """Load a finished run's tuned model (the adapter on its base, or the full model)."""
+    run_dir = Path(run_dir).resolve()
+    adapter = run_dir / "adapter"
+    if not (run_dir / "recipe.yaml").is_file() or not adapter.is_dir():
+        raise DomaintuneError(f"{run_dir} is not a finished run directory (no recipe.yaml or adapter/)",
+                              hint="pass the directory `domaintune run` printed at its end")
+    spec = load_recipe(run_dir / "recipe.yaml")
+    base = run_base(run_dir, spec)
+    tokenizer = catalog.load_tokenizer(catalog.BaseModel(name=spec.base_model, path=adapter))
+    partial = LoadedRun(run_dir, spec, base, tokenizer, None, [])
+    if spec.task == "classification":
+        from domaintune.train.classification import load_classifier
+
+        partial.model, partial.labels = load_classifier(adapter, partial.load_base)
+    else:
+        from domaintune.train.causal import load_causal
+
+        partial.model = load_causal(adapter, partial.load_base)
+    return partial
+
+
+@contextmanager
+def base_model_of(model, load_base: Callable[[], Any]) -> Iterator[Any]:
+    """The untuned base of ``model``: the same weights with the adapter switched off where PEFT
+    can do that (no second copy in memory), else a fresh copy from ``load_base``. Prompt and
+    prefix tuning are loaded afresh: their virtual tokens shift positions even when disabled."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and not model.active_peft_config.is_prompt_learning:
+        with model.disable_adapter():
+            yield model
+    else:
+        yield load_base().eval()
+
+
+def read_processed(path: Path, task: str) -> list[Example]:
+    """The examples of a run's ``data/train.jsonl`` or ``data/eval.jsonl`` (already processed)."""
+    examples: list[Example] = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            row = json.loads(line)
+            where = row.pop("where", f"{path}:{number}")
+            if task == "sft":
+                examples.append(ChatExample(messages=row.pop("messages"), where=where, meta=row))
+            else:
+                examples.append(TextExample(text=row.pop("text"), label=row.pop("label", None), where=where, meta=row))
+    return examples
+
+
+def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: Console) -> tuple[list[Example], dict]:
+    """``data`` through the run's data steps, with the run's training rows as the training side so
+    that rows it trained on are dropped as leaks. Returns the examples and what was dropped."""
+    from domaintune.data.prepare import prepare
+
+    d = spec.data
+    names = {"text": d.text_field, "label": d.label_field}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "train.jsonl"
+        with open(train_file, "w", encoding="utf-8") as fh:
+            for e in train:
+                fields = ({"messages": e.messages} if isinstance(e, ChatExample)
+                          else {names["text"]: e.text, **({names["label"]: e.label} if e.label is not None else {})})
+                fh.write(json.dumps({**e.meta, **fields}, ensure_ascii=False) + "\n")
+        steps = spec.model_copy(update={"data": d.model_copy(update={"train": str(train_file),
+                                                                     "eval": str(Path(data).resolve())})})
+        prepared = prepare(steps, Path(tmp), console)
+    dropped: dict[str, int] = {}
+    for item in prepared.dropped:
+        if item.source == "eval":
+            dropped[item.step] = dropped.get(item.step, 0) + 1
+    return prepared.eval, {"file": str(data), "dropped": dropped}
+
+
+def _limit(examples: list, spec: Recipe) -> list:
+    return examples[:spec.evaluate.max_rows] if spec.evaluate.max_rows else examples
+
+
+def _evaluate(run: LoadedRun, evaluation: list[Example], train: list[Example], include_base: bool,
+              console: Console) -> dict:
+    spec = run.spec
+    if spec.task == "classification":
+        result = _evaluate_classification(run, evaluation, train, include_base, console)
+    else:
+        result = _evaluate_causal(run, evaluation, train, include_base, console)
+    if spec.evaluate.slices and include_base:
+        from domaintune.evaluate.slices import classification_score, mean_scores, slice_metrics
+
+        rows, score = result.pop("_rows"), (classification_score if spec.task == "classification" else mean_scores)
+        if rows:
+            result["slices"] = [slice_metrics(rows, name, score) for name in spec.evaluate.slices]
+    result.pop("_rows", None)
+    return result
+
+
+def _evaluate_classification(run: LoadedRun, evaluation: list[TextExample], train: list[TextExample],
+                             include_base: bool, console: Console) -> dict:
+    from domaintune.train.classification import MeanPoolClassifier, embed_texts, fit_probe, predict_proba
+
+    spec, labels = run.spec, run.labels
+    unknown = sorted({e.label for e in evaluation} - set(labels))
+    if unknown:
+        raise DataError(f"the eval rows have labels this run never learned: {', '.join(unknown[:5])}",
+                        hint=f"its labels are: {', '.join(labels)}")
+    max_len = int(spec.training.max_seq_length)
+    texts, truth = [e.text for e in evaluation], [e.label for e in evaluation]
+    with console.status(f"{run.run_dir.name}: tuned model on {len(texts)} rows"):
+        tuned_proba = predict_proba(run.model, run.tokenizer, texts, max_len)
+    if not include_base:
+        pred = [labels[i] for i in tuned_proba.argmax(1)]
+        tuned = M.classification_metrics(truth, pred, labels)
+        correct = [p == y for p, y in zip(pred, truth)]
+        return {"tuned": tuned, "intervals": {"accuracy": {"tuned": list(bootstrap_interval(correct))}}}
+    index = {label: i for i, label in enumerate(labels)}
+    with console.status(f"{run.run_dir.name}: refitting the base probe on {len(train)} training rows"), \
+            base_model_of(run.model.encoder, run.load_base) as encoder:
+        frozen = MeanPoolClassifier(encoder, len(labels))
+        probe = fit_probe(embed_texts(frozen, run.tokenizer, [e.text for e in train], max_len),
+                          np.array([index[e.label] for e in train]), len(labels), spec.training.seed)
+        logits = probe.logits(embed_texts(frozen, run.tokenizer, texts, max_len))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    base_proba = shifted / shifted.sum(axis=1, keepdims=True)
+    compared = compare_classification(truth, labels, base_proba, tuned_proba)
+    compared.base["model"] = f"{spec.base_model} frozen + logistic-regression probe"
+    compared.tuned["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
+    rows = [{"label": y, "base": b, "tuned": t, "meta": e.meta}
+            for e, y, b, t in zip(evaluation, truth, compared.base_pred, compared.tuned_pred)]
+    return {"base": compared.base, "tuned": compared.tuned, "intervals": compared.intervals, **compared.extra,
+            "_rows": rows}
+
+
+def score_causal(model, tokenizer, spec: Recipe, evaluation: list[Example], max_new_tokens: int,
+                 console: Console, name: str) -> tuple[dict, dict]:
+    """sft: exact match, ROUGE-L and perplexity on the answers; pretrain: perplexity. Returns the
+    metrics and the per-row scores they average (empty for pretrain)."""
+    from domaintune.train.causal import generate, pack_text, perplexity, prompt_ids, tokenize_chat
+
+    ev, max_len = spec.evaluate, int(spec.training.max_seq_length)
+    if spec.task == "pretrain":
+        ppl, _ = perplexity(model, tokenizer, pack_text(tokenizer, [e.text for e in evaluation], max_len), ev.batch_size)
+        return {"perplexity": float(ppl)}, {}
+    prompts = [prompt_ids(tokenizer, e) for e in evaluation]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, ev.batch_size, console, f"{name}: generating")
+    ppl, _ = perplexity(model, tokenizer, [tokenize_chat(tokenizer, e, max_len) for e in evaluation], ev.batch_size)
+    return M.generation_metrics(outputs, [e.answer for e in evaluation], ppl)
+
+
+def sft_max_new_tokens(spec: Recipe, tokenizer, train: list[ChatExample]) -> int:
+    """The generation length a run used: the recipe's, else the longest training answer plus a margin."""
+    from domaintune.train.causal import answer_token_count
+
+    if spec.evaluate.max_new_tokens:
+        return spec.evaluate.max_new_tokens
+    return min(256, math.ceil(max(answer_token_count(tokenizer, e.answer) for e in train) * 1.25) + 8)
+
+
+def _evaluate_causal(run: LoadedRun, evaluation: list[Example], train: list[Example], include_base: bool,
+                     console: Console) -> dict:
+    spec, name = run.spec, run.run_dir.name
+    max_new = sft_max_new_tokens(spec, run.tokenizer, train) if spec.task == "sft" else 0
+    tuned, tuned_scores = score_causal(run.model, run.tokenizer, spec, evaluation, max_new, console, f"{name} tuned")
+    tuned["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
+    if not include_base:
+        return {"tuned": tuned, "intervals": {k: {"tuned": list(bootstrap_interval(v))} for k, v in tuned_scores.items()}}
+    with base_model_of(run.model, run.load_base) as base_model:
+        base, base_scores = score_causal(base_model, run.tokenizer, spec, evaluation, max_new, console, f"{name} base")
+    base["model"] = f"{spec.base_model} (no fine-tuning)"
+    compared = compare_generation(base_scores, tuned_scores)
+    rows = [{"base": {k: base_scores[k][i] for k in base_scores}, "tuned": {k: tuned_scores[k][i] for k in tuned_scores},
+             "meta": e.meta} for i, e in enumerate(evaluation)] if base_scores else []
+    return {"base": base, "tuned": tuned, "intervals": compared.intervals, **compared.extra, "_rows": rows}
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, console: Console | None = None,
+                 include_base: bool = True) -> dict:
+    """Base and tuned of a finished run on ``data`` (default: the run's own ``data/eval.jsonl``),
+    run through the run's own data steps (validation, cleaning, PII as in its recipe.yaml, and
+    rows it trained on dropped as leaks); returns a dict shaped like metrics.json:
+    ``{"task", "eval_rows", "base", "tuned", "intervals", "significance", ...}``. Without
+    ``include_base`` only the tuned model is evaluated (no ``base``, no significance)."""
+    console = console or Console(stderr=True, quiet=True)
+    with console.status(f"loading {Path(run_dir).name}"):
+        run = load_run_model(run_dir)
+    train = read_processed(run.run_dir / "data" / "train.jsonl", run.spec.task)
+    if data is None:
+        evaluation, source = read_processed(run.run_dir / "data" / "eval.jsonl", run.spec.task), {"file": "data/eval.jsonl"}
+    else:
+        evaluation, source = prepare_eval_file(run.spec, Path(data), train, console)
+    evaluation = _limit(evaluation, run.spec)
+    if not evaluation:
+        raise DataError("no evaluation rows are left after the run's data steps", where=str(data),
+                        hint="see the dropped counts with `domaintune data inspect`")
+    result = _evaluate(run, evaluation, train, include_base, console)
+    return {"run_dir": str(run.run_dir), "task": run.spec.task, "eval_rows": len(evaluation),
+            "train_rows": len(train), "data": source, **result}
+
+
+def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Console | None = None) -> dict:
+    """The same evaluation rows through several runs of one task, each against its own base.
+
+    The rows are ``data`` as processed by the first run's data steps, or (default) the first run's
+    own held-out rows. ``leaked_rows`` counts, per run, rows that duplicate its training rows
+    (they stay in, so that every run is scored on the same rows). Returns ``{"task", "eval_rows",
+    "data", "runs": {run_dir: metrics}}``."""
+    from domaintune.data.dedup import deduplicate
+
+    if not run_dirs:
+        raise DomaintuneError("name at least one run directory to compare")
+    console = console or Console(stderr=True, quiet=True)
+    first_dir = Path(run_dirs[0]).resolve()
+    first = load_recipe(first_dir / "recipe.yaml") if (first_dir / "recipe.yaml").is_file() else None
+    if first is None:
+        raise DomaintuneError(f"{first_dir} is not a finished run directory (no recipe.yaml)",
+                              hint="pass the directories `domaintune run` printed at their end")
+    first_train = read_processed(first_dir / "data" / "train.jsonl", first.task)
+    if data is None:
+        evaluation, source = read_processed(first_dir / "data" / "eval.jsonl", first.task), {"file": str(first_dir / "data" / "eval.jsonl")}
+    else:
+        evaluation, source = prepare_eval_file(first, Path(data), first_train, console)
+    evaluation = _limit(evaluation, first)
+    runs = {}
+    for run_dir in run_dirs:
+        with console.status(f"loading {Path(run_dir).name}"):
+            run = load_run_model(run_dir)
+        if run.spec.task != first.task:
+            raise DomaintuneError(f"{run.run_dir} is a {run.spec.task} run and {first_dir} a {first.task} run",
+                                  hint="compare runs of one task")
+        train = read_processed(run.run_dir / "data" / "train.jsonl", run.spec.task)
+        d = run.spec.data.dedup
+        leaks = deduplicate([_key(e) for e in train], [_key(e) for e in evaluation], exact=True, near=d.near,
+                            threshold=d.threshold).eval_leaks
+        runs[str(run.run_dir)] = {"task": run.spec.task, "eval_rows": len(evaluation), "train_rows": len(train),
+                                  "leaked_rows": len(leaks), **_evaluate(run, evaluation, train, True, console)}
+        del run  # one run's weights in memory at a time
+    return {"task": first.task, "eval_rows": len(evaluation), "data": source, "runs": runs}
+
+
+def _key(example: Example) -> str:
+    if isinstance(example, ChatExample):
+        return "\n".join(m["content"] for m in example.messages)
+    return example.text

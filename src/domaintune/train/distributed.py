@@ -1,0 +1,86 @@
+"""Data-parallel training across processes started by ``torchrun`` or ``accelerate launch``.
+
+Each process trains on its share of the rows of every batch; after the batches of an optimiser
+step, the gradients are averaged by hand (one all-reduce of the trainable parameters, which
+for adapters are small) so that every process takes the same step. Without ``WORLD_SIZE`` > 1
+in the environment every function here is a no-op and training runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """How many processes train together (1 when not launched by torchrun/accelerate)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1
+    if not dist.is_initialized():
+        # gloo runs everywhere; nccl only between CUDA devices
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_world_size()
+
+
+def rank() -> int:
+    """This process's rank (0 when alone)."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Whether this process evaluates, logs and writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def shard(items: list) -> list:
+    """This process's share of ``items`` (every ``world_size``-th one, from its rank)."""
+    return items[rank()::world_size()]
+
+
+def all_sum(value: float) -> float:
+    """``value`` summed over the processes."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is set in some process (keeps every process stopping at the same step)."""
+    return all_sum(1.0 if flag else 0.0) > 0
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the processes (a missing one counts as zeros)."""
+    if world_size() == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one message instead of one per tensor
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.device, p.dtype)
+        offset += n
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Give every process rank 0's values of ``params`` (the trainable weights before step 1)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def leave() -> None:
+    """End a worker process that has finished training: rank 0 alone evaluates and writes the run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(0)

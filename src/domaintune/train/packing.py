@@ -1,0 +1,93 @@
+"""Padding-free batches: the rows of a batch laid end to end, each attending only to itself.
+
+A packed batch carries ``position_ids`` that restart at 0 for every row and no 2D attention
+mask. Transformers reads the restarts as row boundaries: with flash-attention it runs the
+variable-length kernel, with SDPA and eager attention it builds a block-diagonal causal mask.
+That mask costs attention over the whole packed length, most of it masked out; ``row_attention``
+swaps SDPA for a path that runs causal SDPA on each row of a one-sequence batch instead (the
+variable-length kernel's job, for machines without one).
+The rows of a packed batch are the rows a padded batch would hold, so packing changes the speed
+of a step, never its loss (``tests/test_packing.py`` checks both against rows run alone).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ROW_ATTENTION = "domaintune_row_sdpa"
+
+IGNORE = -100
+
+
+def pack_rows(input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The rows as one packed sequence: ``input_ids``, ``labels`` and ``position_ids`` of shape
+    (1, total length). The first token of each row loses its label: packed, it would be the
+    target of the previous row's last token."""
+    return {"input_ids": torch.tensor([[t for ids in input_ids for t in ids]], dtype=torch.long),
+            "labels": torch.tensor([[lab for labs in labels for lab in [IGNORE, *labs[1:]]]], dtype=torch.long),
+            "position_ids": torch.tensor([[p for ids in input_ids for p in range(len(ids))]], dtype=torch.long)}
+
+
+@torch.no_grad()
+def packing_honoured(model, input_ids: list[list[int]]) -> bool:
+    """Whether ``model`` keeps packed rows apart: the last row's logits, packed behind the
+    others, must equal its logits alone. Architectures whose attention ignores position-id
+    restarts would let rows see each other; they are trained on padded batches instead."""
+    if len(input_ids) < 2 or min(len(input_ids[0]), len(input_ids[1])) < 2:
+        return True
+    n = min(16, len(input_ids[0]), len(input_ids[1]))
+    rows = [input_ids[0][:n], input_ids[1][:n]]
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
+    try:
+        device = next(model.parameters()).device
+        alone = model(input_ids=torch.tensor([rows[1]], device=device), use_cache=False).logits[0]
+        packed = pack_rows(rows, rows)
+        packed = {k: packed[k].to(device) for k in ("input_ids", "position_ids")}
+        together = model(**packed, use_cache=False).logits[0, n:]
+    finally:
+        model.train(was_training)
+    # a leak moves logits by a large fraction of their size; numerical noise, even in bf16, does not
+    return bool((together.float() - alone.float()).abs().max() <= 1e-2 * alone.float().abs().max() + 1e-5)
+
+
+def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, except on a packed single sequence (position ids restarting at 0, no cache), where
+    each row attends causally to itself alone and nothing is spent on a mask."""
+    positions = kwargs.get("position_ids")
+    if positions is None or query.shape[0] != 1 or not query.shape[2] == key.shape[2] == positions.shape[-1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[0] != 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != "position_ids"}
+    bounds = starts + [query.shape[2]]
+    outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **rest)[0]
+               for s, e in zip(bounds, bounds[1:])]
+    return torch.cat(outputs, dim=1), None  # (batch, length, heads, head_dim)
+
+
+AttentionInterface.register(ROW_ATTENTION, _row_sdpa)
+AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)  # padded batches still get their usual mask
+
+
+@contextmanager
+def row_attention(model) -> Iterator[bool]:
+    """While inside, a model on SDPA attention runs packed single sequences row by row; yields
+    whether it does (other implementations, flash-attention's included, are left as they are)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(base, "set_attn_implementation"):
+        yield False
+        return
+    base.set_attn_implementation(ROW_ATTENTION)
+    try:
+        yield True
+    finally:
+        base.set_attn_implementation("sdpa")

@@ -1,0 +1,80 @@
+"""Feedback captured by the server, as training rows.
+
+A correction becomes a row of the model's task: a relabelled text for classification, a chat
+with the corrected answer for sft. Each row carries ``source: feedback:<id>`` and the reviewer,
+so lineage says where it came from. Feedback a row cannot be made from (a rating alone, a batch
+of texts answered at once, or a pretraining model) is counted, not used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from domaintune.errors import DomaintuneError
+from domaintune.serve.feedback import FeedbackRecord
+
+
+@dataclass
+class FeedbackRows:
+    """The rows made from feedback, and why the other records were not used."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO date or time (UTC unless it says otherwise)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise DomaintuneError(f"{text!r} is not a date", where="--since",
+                              hint="write an ISO date or time, e.g. 2025-06-01 or 2025-06-01T14:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
+                  since: datetime | None = None) -> FeedbackRows:
+    """Training rows from ``records``, leaving out the ids in ``used`` (learned by an earlier
+    version) and records older than ``since``. Classification rows are ``{text, label}``, sft rows
+    ``{messages}``: the shapes of a run's processed data."""
+    out = FeedbackRows()
+    for record in records:
+        if record.id in used:
+            out.skipped["used by an earlier version"] += 1
+        elif since is not None and parse_since(record.created_at) < since:
+            out.skipped["older than --since"] += 1
+        elif not record.correction:
+            out.skipped["no correction"] += 1
+        elif task == "pretrain":
+            out.skipped["pretraining takes no corrections"] += 1
+        elif task == "classification" and _is_batch(record.prompt):
+            out.skipped["batch request"] += 1
+        else:
+            body = ({"text": record.prompt, "label": record.correction} if task == "classification" else
+                    {"messages": [*_messages(record.prompt), {"role": "assistant", "content": record.correction}]})
+            out.rows.append({**body, "source": f"feedback:{record.id}", "reviewer": record.reviewer or "",
+                             "origin": f"feedback {record.response_id}"})
+    return out
+
+
+def _is_batch(prompt: str) -> bool:
+    """The server stores a batch of texts classified at once as a JSON list."""
+    try:
+        return isinstance(json.loads(prompt), list)
+    except ValueError:
+        return False
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    """A chat prompt is stored as its messages in JSON, a completion prompt as plain text."""
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        messages = None
+    if isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages):
+        return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+    return [{"role": "user", "content": prompt}]

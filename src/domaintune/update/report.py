@@ -1,0 +1,61 @@
+"""update_report.md: what an update trained on, and candidate vs production vs base on every eval set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from domaintune.evaluate.metrics import HEADLINE
+
+if TYPE_CHECKING:
+    from domaintune.update.updater import UpdateResult
+
+
+def write_update_report(path: Path, result: UpdateResult) -> None:
+    """Write the report of ``result`` (after its comparisons) to ``path``."""
+    a, s = result.assembly, result.settings
+    sources = ", ".join(f"{n} {kind}" for kind, n in sorted(a.train_rows.items())) or "none"
+    lines = [
+        f"# Update of {result.parent}",
+        "",
+        f"Verdict: **{'passed' if result.passed else 'rejected'}**"
+        + (f" ({result.registered})" if result.registered else ""),
+        "",
+        "## Training data",
+        f"- Training rows by source: {sources}; {a.eval_rows} new held-out rows"
+        + ("" if a.new_eval else " (none new: production's eval set was used)") + ".",
+        f"- Replay: {a.train_rows.get('replay', 0)} of {a.replay_pool} earlier training rows "
+        f"(update.replay_ratio {s.replay_ratio:g}).",
+        f"- Dropped: {len(a.earlier_duplicates)} rows that earlier versions trained or were evaluated on; "
+        f"{a.data_dropped} by the data steps.",
+        f"- Personal data found: {sum(a.pii.values())}" + (f" ({_counts(a.pii)})" if a.pii else "") + ".",
+        f"- Feedback: {len(a.feedback_ids)} corrections used"
+        + (f"; not used: {_counts(a.feedback_skipped)}" if a.feedback_skipped else "") + ".",
+        "",
+        "## Candidate against production and the base",
+        "Forgetting is the candidate's change on the earlier eval sets: negative is forgotten. The interval is "
+        "the paired 95% bootstrap interval of candidate − production.",
+        "",
+        "| eval set | rows | metric | base | production | candidate | change (95% interval) | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result.comparisons:
+        for metric in HEADLINE[result.task]:
+            interval = c["intervals"].get(metric, {}).get("difference")
+            change = c["candidate"][metric] - c["production"][metric]
+            shown = f"{change:+.4f}" + (f" ({interval[0]:+.4f} to {interval[1]:+.4f})" if interval else "")
+            base = c["base"].get(metric)
+            verdict = "held" if all(g["passed"] for g in c["gates"]) else "**failed**"
+            lines.append(f"| {c['eval_set']} | {c['eval_rows']} | {metric} | "
+                         f"{'' if base is None else f'{base:.4f}'} | {c['production'][metric]:.4f} | "
+                         f"{c['candidate'][metric]:.4f} | {shown} | {verdict} |")
+    lines += ["", "## Gates"]
+    for c in result.comparisons:
+        for g in c["gates"]:
+            lines.append(f"- {c['eval_set']}: `{g['expr']}`: " + ("held" if g["passed"] else
+                                                                   "failed: " + "; ".join(g["failing"])))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))

@@ -1,0 +1,87 @@
+"""`domaintune eval` and `domaintune compare`: a finished run evaluated again, on its own rows or
+another file, and several runs side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ticket_rows, write_csv, write_jsonl
+from typer.testing import CliRunner
+
+from domaintune import run
+from domaintune.errors import DataError
+from domaintune.evaluate.run_eval import compare_runs, evaluate_run
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def classification_run(classification_recipe, tmp_path):
+    return run(classification_recipe, output_dir=tmp_path / "runs", register=False).run_dir
+
+
+def test_evaluate_run_reproduces_the_runs_own_metrics(classification_run):
+    recorded = json.loads((classification_run / "metrics.json").read_text())
+    again = evaluate_run(classification_run)
+    assert again["eval_rows"] == recorded["eval_rows"]
+    for model in ("base", "tuned"):
+        assert again[model]["accuracy"] == pytest.approx(recorded[model]["accuracy"])
+        assert again[model]["macro_f1"] == pytest.approx(recorded[model]["macro_f1"])
+    for which in ("base", "tuned", "difference"):
+        assert again["intervals"]["accuracy"][which] == pytest.approx(recorded["intervals"]["accuracy"][which])
+    assert again["significance"]["accuracy"]["p_value"] == pytest.approx(recorded["significance"]["accuracy"]["p_value"])
+
+
+def test_sft_run_reproduces_its_metrics(sft_recipe, tmp_path):
+    run_dir = run(sft_recipe, output_dir=tmp_path / "runs", register=False).run_dir
+    recorded = json.loads((run_dir / "metrics.json").read_text())
+    again = evaluate_run(run_dir)
+    for model in ("base", "tuned"):
+        for name in ("exact_match", "rouge_l", "perplexity"):
+            assert again[model][name] == pytest.approx(recorded[model][name], rel=1e-4), (model, name)
+
+
+def test_another_file_goes_through_the_runs_data_steps(classification_run, tmp_path):
+    train_text = json.loads((classification_run / "data" / "train.jsonl").read_text().splitlines()[0])["text"]
+    rows = ticket_rows(5, seed=7)
+    rows[0]["text"] = rows[0]["text"] + " write to jane.doe@example.com"
+    rows[1]["text"] = train_text  # seen in training: must not count
+    rows[2]["text"] = "   "  # empty: a bad row
+    path = write_csv(tmp_path / "other.csv", rows)
+    with pytest.raises(DataError, match="empty"):  # the run's recipe says on_bad_rows: error
+        evaluate_run(classification_run, path)
+    del rows[2]
+    path = write_csv(tmp_path / "other.csv", rows)
+    result = evaluate_run(classification_run, path)
+    assert result["data"]["dropped"] == {"leakage": 1}
+    assert result["eval_rows"] == len(rows) - 1
+    assert 0 <= result["tuned"]["accuracy"] <= 1
+
+
+def test_compare_runs_scores_the_same_rows_through_each_run(classification_recipe, tmp_path):
+    first = run(classification_recipe, output_dir=tmp_path / "runs", register=False).run_dir
+    second = run(classification_recipe, overrides={"training.epochs": 1}, output_dir=tmp_path / "runs",
+                 register=False).run_dir
+    compared = compare_runs([first, second])
+    assert list(compared["runs"]) == [str(first), str(second)]
+    assert {m["eval_rows"] for m in compared["runs"].values()} == {compared["eval_rows"]}
+    assert compared["runs"][str(first)]["leaked_rows"] == 0
+    recorded = json.loads((first / "metrics.json").read_text())
+    assert compared["runs"][str(first)]["tuned"]["accuracy"] == pytest.approx(recorded["tuned"]["accuracy"])
+
+
+def test_cli_eval_prints_json_and_exits_3_on_a_failed_gate(classification_run):
+    from domaintune.cli.evaluate import eval_
+
+    import typer
+
+    app = typer.Typer()
+    app.command("eval")(eval_)
+    app.command("other")(lambda: None)  # more than one command: typer then expects the name
+    done = runner.invoke(app, ["eval", str(classification_run), "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["tuned"]["accuracy"] >= 0
+    done = runner.invoke(app, ["eval", str(classification_run), "--gate", "tuned.accuracy > 1.5"])
+    assert done.exit_code == 3
+    assert "tuned.accuracy > 1.5 (" in done.output
