@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ticket_rows, write_csv, write_jsonl
+from conftest import ticket_rows, write_csv
 from typer.testing import CliRunner
 
 from domaintune import run

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import shutil
 import time
@@ -20,7 +19,6 @@ from domaintune import catalog
 from domaintune.data.examples import TextExample
 from domaintune.data.prepare import PreparedData, prepare, write_prepared
 from domaintune.errors import DataError, DomaintuneError, ModelError, RecipeError
-from domaintune.evaluate import metrics as M
 from domaintune.evaluate.bias import flip_rate, load_term_groups
 from domaintune.evaluate.comparison import compare_classification, compare_generation
 from domaintune.evaluate.explain import explain_classification
@@ -31,6 +29,7 @@ from domaintune.evaluate.report import write_report
 from domaintune.recipe import Recipe, dump_recipe, load_recipe, resolve_defaults
 from domaintune.registry.lineage import build_lineage
 from domaintune.registry.model_card import write_model_card
+from domaintune.train import distributed
 from domaintune.train.loop import LoopConfig, seed_everything
 from domaintune.train.methods import apply_method, check_runs_here, count_parameters, load_quantized_causal_lm
 
@@ -265,6 +264,8 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                            batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
                            eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])
+    if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
+        distributed.leave()
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -301,9 +302,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
                 timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
-    from domaintune.train import distributed
-    from domaintune.train.causal import (ensure_chat_template, generate, pack_text, perplexity, prompt_ids,
-                                         save_causal, tokenize_chat, answer_token_count, train_causal)
+    from domaintune.evaluate.run_eval import score_causal, sft_max_new_tokens
+    from domaintune.train.causal import ensure_chat_template, pack_text, save_causal, tokenize_chat, train_causal
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
@@ -327,25 +327,17 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
             raise DataError("no training row has an answer within training.max_seq_length tokens",
                             hint="raise training.max_seq_length")
         eval_rows = [tokenize_chat(tokenizer, e, max_len) for e in evaluation]
-        prompts = [prompt_ids(tokenizer, e) for e in evaluation]
         references = [e.answer for e in evaluation]
-        longest = max(answer_token_count(tokenizer, e.answer) for e in data.train)
-        max_new = ev.max_new_tokens or min(256, math.ceil(longest * 1.25) + 8)
-
-        def evaluate(name: str) -> tuple[dict, list[str], dict]:
-            outputs = generate(model, tokenizer, prompts, max_new, ev.batch_size, console, f"{name}: generating")
-            ppl, _ = perplexity(model, tokenizer, eval_rows, ev.batch_size)
-            metrics, per_row = M.generation_metrics(outputs, references, ppl)
-            return metrics, outputs, per_row
+        max_new = sft_max_new_tokens(spec, tokenizer, data.train)
     else:
         train_rows = pack_text(tokenizer, [e.text for e in data.train], max_len)
         eval_rows = pack_text(tokenizer, [e.text for e in evaluation], max_len)
+        max_new = 0
 
-        def evaluate(name: str) -> tuple[dict, list[str], dict]:
-            ppl, _ = perplexity(model, tokenizer, eval_rows, ev.batch_size)
-            return {"perplexity": float(ppl)}, [], {}
+    def evaluate(name: str) -> tuple[dict, dict, list[str]]:
+        return score_causal(model, tokenizer, spec, evaluation, max_new, console, name)
 
-    base_metrics, base_out, base_scores = evaluate("base")
+    base_metrics, base_scores, base_out = evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
 
@@ -367,7 +359,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    tuned_metrics, tuned_out, tuned_scores = evaluate("tuned")
+    tuned_metrics, tuned_scores, tuned_out = evaluate("tuned")
     tuned_metrics["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     save_causal(model, tokenizer, run_dir / "adapter")
     timings["tuned_eval_s"] = time.perf_counter() - clock

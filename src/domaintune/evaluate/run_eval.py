@@ -196,19 +196,21 @@ def _evaluate_classification(run: LoadedRun, evaluation: list[TextExample], trai
 
 
 def score_causal(model, tokenizer, spec: Recipe, evaluation: list[Example], max_new_tokens: int,
-                 console: Console, name: str) -> tuple[dict, dict]:
+                 console: Console, name: str) -> tuple[dict, dict, list[str]]:
     """sft: exact match, ROUGE-L and perplexity on the answers; pretrain: perplexity. Returns the
-    metrics and the per-row scores they average (empty for pretrain)."""
+    metrics, the per-row scores they average and the generated answers (both empty for pretrain).
+    A run scores its base and tuned model here, and so do ``eval`` and ``update``."""
     from domaintune.train.causal import generate, pack_text, perplexity, prompt_ids, tokenize_chat
 
     ev, max_len = spec.evaluate, int(spec.training.max_seq_length)
     if spec.task == "pretrain":
         ppl, _ = perplexity(model, tokenizer, pack_text(tokenizer, [e.text for e in evaluation], max_len), ev.batch_size)
-        return {"perplexity": float(ppl)}, {}
+        return {"perplexity": float(ppl)}, {}, []
     prompts = [prompt_ids(tokenizer, e) for e in evaluation]
     outputs = generate(model, tokenizer, prompts, max_new_tokens, ev.batch_size, console, f"{name}: generating")
     ppl, _ = perplexity(model, tokenizer, [tokenize_chat(tokenizer, e, max_len) for e in evaluation], ev.batch_size)
-    return M.generation_metrics(outputs, [e.answer for e in evaluation], ppl)
+    metrics, per_row = M.generation_metrics(outputs, [e.answer for e in evaluation], ppl)
+    return metrics, per_row, outputs
 
 
 def sft_max_new_tokens(spec: Recipe, tokenizer, train: list[ChatExample]) -> int:
@@ -224,12 +226,12 @@ def _evaluate_causal(run: LoadedRun, evaluation: list[Example], train: list[Exam
                      console: Console) -> dict:
     spec, name = run.spec, run.run_dir.name
     max_new = sft_max_new_tokens(spec, run.tokenizer, train) if spec.task == "sft" else 0
-    tuned, tuned_scores = score_causal(run.model, run.tokenizer, spec, evaluation, max_new, console, f"{name} tuned")
+    tuned, tuned_scores, _ = score_causal(run.model, run.tokenizer, spec, evaluation, max_new, console, f"{name} tuned")
     tuned["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     if not include_base:
         return {"tuned": tuned, "intervals": {k: {"tuned": list(bootstrap_interval(v))} for k, v in tuned_scores.items()}}
     with base_model_of(run.model, run.load_base) as base_model:
-        base, base_scores = score_causal(base_model, run.tokenizer, spec, evaluation, max_new, console, f"{name} base")
+        base, base_scores, _ = score_causal(base_model, run.tokenizer, spec, evaluation, max_new, console, f"{name} base")
     base["model"] = f"{spec.base_model} (no fine-tuning)"
     compared = compare_generation(base_scores, tuned_scores)
     rows = [{"base": {k: base_scores[k][i] for k in base_scores}, "tuned": {k: tuned_scores[k][i] for k in tuned_scores},

@@ -9,7 +9,6 @@ what lets a short fine-tune beat that probe. The probe itself is the "base" in t
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 

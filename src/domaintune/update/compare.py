@@ -35,8 +35,8 @@ def compare_runs_on(candidate: LoadedRun, production: LoadedRun, eval_file: Path
     else:
         train = read_processed(candidate.run_dir / "data" / "train.jsonl", spec.task)
         max_new = sft_max_new_tokens(spec, candidate.tokenizer, train) if spec.task == "sft" else 0
-        prod, prod_rows = score_causal(production.model, candidate.tokenizer, spec, rows, max_new, console, "production")
-        cand, cand_rows = score_causal(candidate.model, candidate.tokenizer, spec, rows, max_new, console, "candidate")
+        prod, prod_rows, _ = score_causal(production.model, candidate.tokenizer, spec, rows, max_new, console, "production")
+        cand, cand_rows, _ = score_causal(candidate.model, candidate.tokenizer, spec, rows, max_new, console, "candidate")
     intervals = {name: paired_intervals(prod_rows[name], cand_rows[name]) for name in cand_rows}
     return {"eval_rows": len(rows), "base": prod, "tuned": cand, "intervals": intervals}
 
