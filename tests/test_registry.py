@@ -387,3 +387,21 @@ def test_concurrent_processes_keep_the_registry_and_the_chain_whole(database_url
         for actor in (f"worker-{i}" for i in range(workers)):  # each worker's steps, in its order
             steps = [(e.action, e.details.get("to")) for e in entries if e.actor == actor]
             assert steps == [("register", None), ("promote", "staging"), ("promote", "production")] * runs_each
+
+
+def test_verify_rehashes_inputs_that_are_on_this_machine(registry, tmp_path):
+    source = tmp_path / "tickets.csv"
+    source.write_text("text,label\nrefund please,billing\n")
+    run_dir = make_run(tmp_path)
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    lineage["data"] = [{"file": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "bytes": 30}]
+    (run_dir / "lineage.json").write_text(json.dumps(lineage))
+    version = registry.register(run_dir)
+
+    check = registry.verify(version.name, version.version).versions[0]
+    assert check.problems == [] and check.inputs_absent == ["model.safetensors"]
+
+    source.write_text("text,label\nrefund please,shipping\n")  # the source data changed after training
+    report = registry.verify(version.name, version.version)
+    assert not report.ok
+    assert report.versions[0].problems[0].startswith(f"input {source}: sha256")

@@ -247,8 +247,9 @@ def verify(
     """Check the recorded files' hashes and the audit chain (exit 4 on any mismatch).
 
     Recomputes the sha256 of every file recorded at registration (recipe.yaml, metrics.json,
-    lineage.json, adapter/**) and walks the audit chain. Exits 0 when everything matches, 4 when
-    anything does not.
+    lineage.json, processed data, adapter/**), of the inputs lineage.json names (source data, base
+    weights) where they are on this machine, and walks the audit chain. Exits 0 when everything
+    matches, 4 when anything does not.
     """
     with _open(registry_url) as registry:
         report = registry.verify(*(_ref(ref) if ref else (None, None)))
@@ -260,6 +261,8 @@ def verify(
             out.print(f"{check.ref}: {mark}  ({check.run_dir})", highlight=False)
             for problem in check.problems:
                 out.print(f"  {problem}", highlight=False)
+            if check.inputs_absent:
+                out.print(f"  not on this machine, not rehashed: {', '.join(check.inputs_absent)}", highlight=False)
         audit = report.audit
         out.print(f"audit log: {audit.entries} entries, " + ("[green]chain intact[/]" if audit.ok
                   else f"[red]broken at entry {audit.broken_seq}: {audit.problem}[/]"), highlight=False)

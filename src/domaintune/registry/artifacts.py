@@ -91,6 +91,21 @@ def check_artifacts(run_dir: Path, recorded: dict[str, str]) -> list[str]:
     return problems
 
 
+def check_inputs(lineage: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Rehash the inputs lineage.json names outside the run directory (source data files, base
+    model weights). Returns (mismatches, files not on this machine): inputs often live elsewhere,
+    so an absent one is reported, not failed; a present one that changed is a mismatch."""
+    problems, absent = [], []
+    entries = [*lineage.get("data", []), *lineage.get("base_model", {}).get("files", [])]
+    for entry in entries:
+        file = Path(entry["file"])
+        if not file.is_absolute() or not file.is_file():
+            absent.append(str(file))
+        elif (now := sha256_file(file)) != entry["sha256"]:
+            problems.append(f"input {file}: sha256 {now[:12]}… differs from {entry['sha256'][:12]}… in lineage.json")
+    return problems, absent
+
+
 def _load(file: Path, parse) -> dict[str, Any]:
     try:
         value = parse(file.read_text(encoding="utf-8"))

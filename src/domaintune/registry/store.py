@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domaintune.registry import audit as audit_log
-from domaintune.registry.artifacts import check_artifacts, read_run_dir
+from domaintune.registry.artifacts import check_artifacts, check_inputs, read_run_dir
 from domaintune.registry.database import Database
 from domaintune.registry.diff import Change, diff_records
 from domaintune.registry.errors import PromotionRefused, RegistryError
@@ -100,6 +100,7 @@ class ArtifactCheck:
     ref: str
     run_dir: Path
     problems: list[str]
+    inputs_absent: list[str] = field(default_factory=list)  # inputs not on this machine, so not rehashed
 
 
 @dataclass(frozen=True)
@@ -178,15 +179,19 @@ class Registry:
             return audit_log.verify_chain(session)
 
     def verify(self, name: str | None = None, version: int | str | None = None) -> VerifyReport:
-        """Recompute the sha256 of every recorded file of the chosen versions (all by default)
-        and check the audit chain."""
+        """Recompute the sha256 of every recorded file of the chosen versions (all by default),
+        of their inputs (source data, base weights) where those are on this machine, and check
+        the audit chain."""
         if version is not None:
             chosen = [self.get(name, version)]
         else:
             chosen = self.list(name)
             if name is not None and not chosen:
                 raise _unknown(name)
-        checks = [ArtifactCheck(v.ref, v.run_dir, check_artifacts(v.run_dir, v.artifacts)) for v in chosen]
+        checks = []
+        for v in chosen:
+            input_problems, absent = check_inputs(v.lineage)
+            checks.append(ArtifactCheck(v.ref, v.run_dir, check_artifacts(v.run_dir, v.artifacts) + input_problems, absent))
         return VerifyReport(checks, self.verify_audit())
 
     # -- changing --------------------------------------------------------------------------
