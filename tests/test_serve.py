@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from conftest import COLOURS, ticket_rows, write_csv, write_jsonl, write_recipe
+from serve_helpers import openai_client, reference_answers, serve_process
 from domaintune import run
 from domaintune.serve.app import ServeConfig, create_app
 from domaintune.serve.auth import KeyRing, hash_key
@@ -77,21 +75,6 @@ def keys_file(tmp_path_factory) -> Path:
     return path
 
 
-def reference_answers(run_dir: Path, questions: list[str]) -> list[str]:
-    """What the adapter gives loaded alone, through the training code's greedy generation."""
-    from rich.console import Console
-
-    from domaintune import catalog
-    from domaintune.train.causal import generate, load_causal, render
-
-    base = catalog.resolve(yaml.safe_load((run_dir / "recipe.yaml").read_text())["base_model"])
-    tokenizer = catalog.load_tokenizer(base)
-    model = load_causal(run_dir / "adapter", lambda: catalog.load_causal_lm(base))
-    prompts = [tokenizer(render(tokenizer, [{"role": "user", "content": q}], True), add_special_tokens=False)["input_ids"]
-               for q in questions]
-    return generate(model, tokenizer, prompts, 4, 1, Console(quiet=True), "reference")
-
-
 def chat_body(model: str, question: str, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 4,
             **extra}
@@ -100,44 +83,18 @@ def chat_body(model: str, question: str, **extra) -> dict:
 # -- the openai client against a real server process -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(colour_runs, intent_run, keys_file, tmp_path_factory):
-    port = _free_port()
-    launcher = "import typer; from domaintune.cli.serve import serve; typer.run(serve)"
     folder = tmp_path_factory.mktemp("server")
-    feedback_db, log = folder / "feedback.db", open(folder / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-c", launcher, "--port", str(port), "--api-keys", str(keys_file),
-         "--model", f"colours-a={colour_runs['a']}", "--model", f"colours-b={colour_runs['b']}",
-         "--model", f"intents={intent_run}", "--feedback-db", str(feedback_db)],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {(folder / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    feedback_db = folder / "feedback.db"
+    with serve_process(["--api-keys", str(keys_file), "--model", f"colours-a={colour_runs['a']}",
+                        "--model", f"colours-b={colour_runs['b']}", "--model", f"intents={intent_run}",
+                        "--feedback-db", str(feedback_db)], folder) as (url, _):
         yield url, feedback_db
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def _client(url: str, key: str | None = FULL_KEY):
-    import openai
-
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0)
+    return openai_client(url, key)
 
 
 def test_openai_client_chat_stream_completions_models(server_url, colour_runs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from domaintune.evaluate import plots
 from domaintune.evaluate.calibration import confusion_html, reliability_svg
 from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
 from domaintune.recipe import Recipe
@@ -12,7 +13,7 @@ from domaintune.recipe import Recipe
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}.better{color:#176e2c;font-weight:bold}.worse{color:#a3121b;font-weight:bold}
-.bar{display:inline-block;height:10px;background:#4a78c2}"""
+img{display:block;margin:1em 0;max-width:100%}.note{color:#666}"""
 
 
 def _e(value) -> str:
@@ -25,10 +26,16 @@ def _change_class(name: str, base: float, tuned: float) -> str:
 
 
 def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], train_log: list[dict]) -> None:
+    """Write report.html for one run: ``metrics`` as in metrics.json, ``samples`` as in
+    predictions.jsonl, ``train_log`` as in train_log.jsonl. Charts come next to the tables when
+    matplotlib is installed; without it the page says so and keeps the tables."""
+    charts = plots.available()
     parts = [f"<h1>{_e(spec.name)}: base vs tuned</h1>",
              f"<p>Task <b>{_e(spec.task)}</b>, base model <b>{_e(spec.base_model)}</b>, method <b>{_e(spec.method)}</b>; "
              f"{metrics['train_rows']} training rows, {metrics['eval_rows']} held-out rows.</p>",
              f"<p>Base: {_e(metrics['base'].get('model', ''))}. Tuned: {_e(metrics['tuned'].get('model', ''))}.</p>",
+             "" if charts else "<p class='note'>Charts are left out: matplotlib is not installed "
+                               "(<code>pip install matplotlib</code>); the tables hold the same numbers.</p>",
              "<h2>Headline metrics</h2><p>Brackets: 95% bootstrap intervals; the change is paired (the same rows "
              "resampled for both models). p: the chance of a difference this large if the models were equally good.</p>"
              "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th><th>p</th></tr>"]
@@ -40,6 +47,8 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
                      f"<td class='{_change_class(name, b, t)}'>{t - b:+.4f}{_ci(intervals, name, 'difference')}</td>"
                      f"<td>{'' if p is None else f'{p:.2g}'}</td></tr>")
     parts.append("</table>")
+    if charts:
+        parts.append(plots.metric_bars(metrics))
     if metrics.get("gates"):
         parts.append("<h2>Gates</h2><ul>")
         for gate in metrics["gates"]:
@@ -62,12 +71,11 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
         if "calibration" in metrics:
             parts.append("<h2>Calibration</h2><p>Expected calibration error: base "
                          f"{metrics['base']['ece']:.3f}, tuned {metrics['tuned']['ece']:.3f} (lower: confidence "
-                         "closer to accuracy).</p><div>"
-                         + reliability_svg(metrics["calibration"]["base"], title="base")
-                         + reliability_svg(metrics["calibration"]["tuned"], title="tuned") + "</div>")
+                         "closer to accuracy).</p>" + _reliability(metrics["calibration"], charts))
         if "confusion" in metrics:
-            parts.append("<h2>Confusion matrix (tuned; rows: true label)</h2>"
-                         + confusion_html(metrics["confusion"]["tuned"], metrics["confusion"]["labels"]))
+            matrix, labels = metrics["confusion"]["tuned"], metrics["confusion"]["labels"]
+            parts.append("<h2>Confusion matrix (tuned; rows: true label)</h2>" + confusion_html(matrix, labels)
+                         + (plots.confusion_plot(matrix, labels) if charts else ""))
         mistakes = sorted((s for s in samples if s["tuned"] != s["label"]), key=lambda s: -s["tuned_confidence"])[:15]
         if mistakes:
             parts.append("<h2>Most confident mistakes (tuned)</h2><table><tr><th>text</th><th>label</th><th>tuned</th>"
@@ -92,7 +100,7 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
         parts.append("</table>")
 
     for sliced in metrics.get("slices", []):
-        parts.append(_slice_table(sliced))
+        parts.append(_slice_table(sliced) + (plots.slice_chart(sliced) if charts else ""))
     if metrics.get("bias"):
         parts.append(_bias_table(metrics["bias"]))
     if metrics.get("explanations"):
@@ -103,13 +111,7 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
         parts.append(_privacy(metrics["privacy"]))
 
     if train_log:
-        parts.append("<h2>Training loss</h2><table><tr><th>step</th><th>loss</th><th></th></tr>")
-        stride = max(1, len(train_log) // 20)
-        top = max(r["loss"] for r in train_log) or 1.0
-        for r in train_log[::stride] + ([train_log[-1]] if (len(train_log) - 1) % stride else []):
-            width = int(300 * r["loss"] / top)
-            parts.append(f"<tr><td>{r['step']}</td><td>{r['loss']:.4f}</td><td><span class='bar' style='width:{width}px'></span></td></tr>")
-        parts.append("</table>")
+        parts.append(_training(train_log, charts))
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(spec.name)} report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
@@ -119,6 +121,25 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
 def _ci(intervals: dict, name: str, which: str) -> str:
     lo_hi = intervals.get(name, {}).get(which)
     return f" <small>[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]</small>" if lo_hi else ""
+
+
+def _reliability(calibration: dict, charts: bool) -> str:
+    if charts:
+        return plots.reliability_plot(calibration["base"], calibration["tuned"])
+    # without matplotlib the hand-drawn SVG diagrams stand in
+    return ("<div>" + reliability_svg(calibration["base"], title="base")
+            + reliability_svg(calibration["tuned"], title="tuned") + "</div>")
+
+
+def _training(train_log: list[dict], charts: bool) -> str:
+    """The curves, and about 20 evenly spaced steps (the last included) as a table."""
+    parts = ["<h2>Training loss</h2>", plots.training_curves(train_log) if charts else "",
+             "<table><tr><th>step</th><th>loss</th><th>learning rate</th></tr>"]
+    stride = max(1, len(train_log) // 20)
+    for r in train_log[::stride] + ([train_log[-1]] if (len(train_log) - 1) % stride else []):
+        lr = f"{r['lr']:.3g}" if "lr" in r else ""
+        parts.append(f"<tr><td>{r['step']}</td><td>{r['loss']:.4f}</td><td>{lr}</td></tr>")
+    return "".join(parts) + "</table>"
 
 
 def _slice_table(sliced: dict) -> str:

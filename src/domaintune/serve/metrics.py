@@ -29,6 +29,8 @@ class Metrics:
         self.feedback = Counter("domaintune_feedback", "Feedback records stored", ["model"], registry=self.registry)
         self.reloads = Counter("domaintune_registry_reloads", "Models loaded or unloaded by following the registry",
                                ["action"], registry=self.registry)
+        self.registry_errors = Counter("domaintune_registry_poll_errors", "Polls of the registry that failed",
+                                       registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

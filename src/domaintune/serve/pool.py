@@ -151,9 +151,9 @@ class ModelPool:
             return
         with self.lock:
             backend.adapters.discard(served.adapter)
-            if backend.adapters:
-                backend.model.delete_adapter(served.adapter)
+            if backend.adapters:  # activate another first: PEFT warns when the active one is deleted
                 backend.model.set_adapter(next(iter(backend.adapters)))
+                backend.model.delete_adapter(served.adapter)
             else:  # PEFT cannot run without an adapter attached; the next load removes it
                 backend.detached.add(served.adapter)
 

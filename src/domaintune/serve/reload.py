@@ -3,17 +3,21 @@ that name; a newly promoted version replaces the old one without a restart, and 
 leaves the stage stops being served. Requests already running finish on the version they began on.
 
 The registry is polled every ``poll_seconds``; ``poke()`` (the server wires it to SIGHUP) polls
-at once.
+at once. It is opened once (opening it runs its migrations) and reopened after a poll fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from domaintune.errors import DomaintuneError
 from domaintune.serve.metrics import Metrics
 from domaintune.serve.pool import ModelPool
+
+if TYPE_CHECKING:
+    from domaintune.registry.store import ModelVersion, Registry
 
 log = logging.getLogger("domaintune.serve")
 
@@ -31,6 +35,7 @@ class RegistryWatcher:
         self.served: dict[str, int] = {}  # name → version this watcher routed
         self._failed: set[tuple[str, int]] = set()  # versions that would not load: not retried every poll
         self._wake = asyncio.Event()
+        self._registry: Registry | None = None
 
     def poke(self) -> None:
         """Poll now rather than at the next interval."""
@@ -38,16 +43,22 @@ class RegistryWatcher:
 
     async def run(self) -> None:
         """Poll until cancelled; a failed poll is logged and retried at the next one."""
-        while True:
-            try:
-                await self.sync()
-            except DomaintuneError as exc:
-                log.error("registry poll failed: %s", exc)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+        try:
+            while True:
+                try:
+                    await self.sync()
+                except Exception as exc:  # whatever the database raised, following must go on
+                    log.error("registry poll failed: %s", exc, exc_info=not isinstance(exc, DomaintuneError))
+                    self._disconnect()
+                    if self.metrics is not None:
+                        self.metrics.registry_errors.inc()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            self._disconnect()
 
     async def sync(self) -> None:
         """Load what is new in the stage and unload what left it."""
@@ -71,11 +82,17 @@ class RegistryWatcher:
             log.info("stopped serving %s: no version in %s", name, self.stage)
             self._count("unload")
 
-    def _versions(self):
-        from domaintune.registry.store import Registry
+    def _versions(self) -> list[ModelVersion]:
+        if self._registry is None:
+            from domaintune.registry.store import Registry
 
-        with Registry(self.registry_url) as registry:
-            return registry.list(stage=self.stage)
+            self._registry = Registry(self.registry_url)
+        return self._registry.list(stage=self.stage)
+
+    def _disconnect(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
 
     def _count(self, action: str) -> None:
         if self.metrics is not None:

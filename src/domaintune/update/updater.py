@@ -105,8 +105,9 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
         result.comparisons = _compare(result.run_dir, production, line, assembly, gates, console)
         version = registry.register(result.run_dir)
         result.registered = version.ref
-        _write_record(result, line)
+        _write_record(result, line)  # before the decision too: a refused promotion still leaves the record
         result.stage = _decide(registry, version, result, promote)
+        _write_record(result, line)
     return result
 
 
