@@ -164,3 +164,17 @@ def pretrain_recipe(tmp_path, tiny_llama) -> Path:
         "data": {"train": "data/corpus.txt"},
         "training": {"epochs": 3, "learning_rate": 1e-2, "batch_size": 4, "max_seq_length": 64},
     })
+
+
+def in_production(recipe: Path, name: str, root: Path) -> tuple[Path, Path]:
+    """Run ``recipe`` into a registry file of its own under ``root`` and promote version 1 to
+    production; returns (the run directory, the registry file). Tests copy the file to start from it."""
+    from domaintune import run
+    from domaintune.registry.store import Registry
+
+    db = root / "registry.db"
+    result = run(recipe, registry_url=f"sqlite:///{db}", output_dir=root / "runs")
+    with Registry(f"sqlite:///{db}") as registry:
+        registry.promote(name, 1, "staging")
+        registry.promote(name, 1, "production")
+    return result.run_dir, db

@@ -10,11 +10,10 @@ import shutil
 
 import pytest
 import typer
-from conftest import ticket_rows, write_csv, write_recipe
+from conftest import in_production, ticket_rows, write_csv, write_recipe
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from domaintune import run
 from domaintune.errors import DataError
 from domaintune.cli.update import update as update_command
 from domaintune.registry.store import Registry
@@ -35,12 +34,7 @@ def production(tmp_path_factory, tiny_bert):
         "data": {"train": "data/tickets.csv"},
         "training": {"epochs": 10, "learning_rate": 1e-2, "batch_size": 16, "max_seq_length": 32},
     })
-    db = root / "registry.db"
-    result = run(recipe, registry_url=f"sqlite:///{db}", output_dir=root / "runs")
-    with Registry(f"sqlite:///{db}") as registry:
-        registry.promote(NAME, 1, "staging")
-        registry.promote(NAME, 1, "production")
-    return result.run_dir, db
+    return in_production(recipe, NAME, root)
 
 
 @pytest.fixture()

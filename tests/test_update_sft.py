@@ -10,9 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import colour_rows, write_jsonl, write_recipe
+from conftest import in_production, colour_rows, write_jsonl, write_recipe
 
-from domaintune import run
 from domaintune.evaluate.gates import check_gate
 from domaintune.registry.store import Registry
 from domaintune.update.updater import update
@@ -33,12 +32,7 @@ def production(tmp_path_factory, tiny_llama):
         "training": {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
         "evaluate": {"max_new_tokens": 4},
     })
-    db = root / "registry.db"
-    result = run(recipe, registry_url=f"sqlite:///{db}", output_dir=root / "runs")
-    with Registry(f"sqlite:///{db}") as registry:
-        registry.promote(NAME, 1, "staging")
-        registry.promote(NAME, 1, "production")
-    return result.run_dir, db
+    return in_production(recipe, NAME, root)
 
 
 @pytest.fixture()

@@ -416,42 +416,22 @@ def _progress(console: Console) -> Progress:
                     disable=console.quiet)
 
 
-class WrittenExamples(Sequence[Example]):
-    """The examples of a written ``data/train.jsonl`` or ``data/eval.jsonl``, read when iterated."""
-
-    def __init__(self, path: Path, task: str, count: int):
-        self.path, self.task, self._count = path, task, count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[Example]:
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                yield from_fields(json.loads(line), self.task)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return list(islice(self, *index.indices(self._count)))
-        if not -self._count <= index < self._count:
-            raise IndexError(index)
-        return next(islice(self, index % self._count, None))
-
-
-class WrittenDropped(Sequence[Dropped]):
-    """The dropped rows of a written ``data/quarantine.jsonl``, read when iterated."""
+class _WrittenRows(Sequence):
+    """The rows of a written JSONL file, read when iterated (the file may be larger than memory)."""
 
     def __init__(self, path: Path, count: int):
         self.path, self._count = path, count
 
+    def _decode(self, item: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return self._count
 
-    def __iter__(self) -> Iterator[Dropped]:
+    def __iter__(self) -> Iterator[Any]:
         with open(self.path, encoding="utf-8") as fh:
             for line in fh:
-                item = json.loads(line)
-                yield Dropped(item["source"], item["step"], item["where"], item["reason"], item["row"])
+                yield self._decode(json.loads(line))
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
@@ -459,6 +439,24 @@ class WrittenDropped(Sequence[Dropped]):
         if not -self._count <= index < self._count:
             raise IndexError(index)
         return next(islice(self, index % self._count, None))
+
+
+class WrittenExamples(_WrittenRows):
+    """The examples of a written ``data/train.jsonl`` or ``data/eval.jsonl``."""
+
+    def __init__(self, path: Path, task: str, count: int):
+        super().__init__(path, count)
+        self.task = task
+
+    def _decode(self, item: dict[str, Any]) -> Example:
+        return from_fields(item, self.task)
+
+
+class WrittenDropped(_WrittenRows):
+    """The dropped rows of a written ``data/quarantine.jsonl``."""
+
+    def _decode(self, item: dict[str, Any]) -> Dropped:
+        return Dropped(item["source"], item["step"], item["where"], item["reason"], item["row"])
 
 
 def as_sequences(directory: Path, card: dict[str, Any], task: str,
