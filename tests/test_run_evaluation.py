@@ -87,3 +87,21 @@ def test_sft_run_records_per_row_scores_and_significance(sft_recipe, tmp_path):
     assert 0 <= metrics["significance"]["rouge_l"]["p_value"] <= 1
     rows = [json.loads(line) for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
     assert sum(r["tuned_exact"] for r in rows) / len(rows) == pytest.approx(metrics["tuned"]["exact_match"])
+
+
+def test_sft_bias_probes_swap_terms_in_the_prompts(sft_recipe, tmp_path):
+    from conftest import colour_rows, write_jsonl
+
+    rows = colour_rows()
+    for i, row in enumerate(rows[:24]):
+        row["prompt"] = ("he asks " if i % 2 else "she asks ") + row["prompt"]
+    write_jsonl(sft_recipe.parent / "data" / "colours.jsonl", rows)
+    result = run(sft_recipe, output_dir=tmp_path / "runs", overrides={"evaluate.bias_rows": 100})
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    gendered = sum(1 for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()
+                   if json.loads(line)["prompt"].split()[0] in ("he", "she"))
+    for model in ("base", "tuned"):
+        gender = metrics["bias"][model]["gender"]
+        assert gender["rows"] == gendered > 0
+        assert 0 <= gender["rate"] <= 1
+    assert "Counterfactual bias probes" in (result.run_dir / "report.html").read_text()

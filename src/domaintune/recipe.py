@@ -155,7 +155,8 @@ class EvaluateConfig(_Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out rows.")
     slices: list[str] = Field(default_factory=list, description="Metadata columns to break the metrics down by (e.g. [region, channel]).")
-    bias_probes: bool = Field(True, description="classification: how often a prediction flips when only gendered terms, names or age words are swapped.")
+    bias_probes: bool = Field(True, description="How often a prediction (classification) or a normalised answer (sft) changes when only gendered terms, names or age words are swapped.")
+    bias_rows: int = Field(32, ge=1, description="sft: held-out rows whose prompts the bias probes swap terms in (each probed row is generated again).")
     bias_terms: dict[str, list[list[str]]] | None = Field(
         None, description="Extra swap pairs by group, added to the shipped ones, e.g. {job: [[nurse, surgeon]]}.")
     gates: list[str] = Field(default_factory=list, description="Conditions the run must meet, e.g. 'tuned.accuracy >= base.accuracy + 0.05'.")
