@@ -58,16 +58,19 @@ def _registry_in_a_temporary_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(make_tokenizer(), tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_tiny_llama(tokenizer, path: Path) -> Path:
+    """A seeded random 2-layer Llama sized for ``tokenizer``, saved with it as a model folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

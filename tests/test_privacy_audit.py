@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import SPECIALS, WORDS, ticket_rows, write_recipe
+from conftest import SPECIALS, WORDS, save_tiny_llama, ticket_rows, write_recipe
 
 from domaintune import run
 from domaintune.evaluate.privacy import CANARY_PREFIX, make_canaries, plant_canaries
@@ -16,9 +16,8 @@ from domaintune.evaluate.privacy import CANARY_PREFIX, make_canaries, plant_cana
 @pytest.fixture(scope="session")
 def digit_llama(tmp_path_factory):
     """The tiny Llama of conftest with a tokenizer that reads digits one by one, as real ones do."""
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + list("0123456789") + ["-", "secret", "code"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -26,15 +25,7 @@ def digit_llama(tmp_path_factory):
                                                      pre_tokenizers.Digits(individual_digits=True)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="<|im_end|>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("digit-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("digit-llama"))
 
 
 def test_canaries_are_distinct_secrets_planted_as_often_as_asked():
