@@ -11,7 +11,7 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -25,7 +25,7 @@ from domaintune.serve.batcher import END
 from domaintune.serve.errors import ApiError, error_body, error_response
 from domaintune.serve.explain import occlusion
 from domaintune.serve.feedback import FeedbackStore, Response as Answered, ResponseLog, chat_prompt
-from domaintune.serve.generation import Row
+from domaintune.serve.generation import AnswerText, AnswerToken, Piece, Row
 from domaintune.serve.limits import BodySizeLimit
 from domaintune.serve.metrics import CONTENT_TYPE, Metrics
 from domaintune.serve.pool import ModelPool, Served
@@ -93,9 +93,10 @@ class Server:
             raise ApiError(400, f"the model {name!r} is a {served.task} model: use {other}", param="model")
         return served
 
-    def row(self, served: Served, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest,
-            param: str) -> Row:
-        """A generation row for the request, within the server's limits."""
+    def rows(self, served: Served, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest,
+             param: str) -> list[Row]:
+        """The generation rows for the request, within the server's limits: one per choice when
+        sampling, one shared by all choices when greedy (they would be equal)."""
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                            f"{self.config.max_prompt_tokens}", code="context_length_exceeded", param=param)
@@ -107,29 +108,53 @@ class Server:
         if room < 1 or (asked is not None and asked > room):
             raise ApiError(400, f"the model's context is {served.backend.max_context} tokens: {len(prompt_ids)} in "
                            f"the prompt leave room for {max(room, 0)}", code="context_length_exceeded", param=param)
-        return Row(prompt_ids=prompt_ids, max_new_tokens=min(asked or self.config.max_tokens, room),
-                   adapter=served.adapter, temperature=body.temperature, top_p=body.top_p)
+        if body.alternatives is not None and self.redactor is not None:
+            raise ApiError(400, "this server redacts answers, and log-probs would show the tokens it redacts",
+                           param="logprobs")
+        row = Row(prompt_ids=prompt_ids, max_new_tokens=min(asked or self.config.max_tokens, room),
+                  adapter=served.adapter, temperature=body.temperature, top_p=body.top_p,
+                  logprobs=body.alternatives)
+        if body.temperature == 0:
+            return [row]
+        return [replace(row, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
-    async def pieces(self, served: Served, row: Row, cancel: threading.Event) -> AsyncIterator[str]:
-        """The answer's text as it is generated, in pieces; at the end ``row.finish_reason`` and
-        ``row.produced`` are set."""
-        row.cancelled = cancel.is_set
-        tokens = served.backend.batcher.submit(row)
-        produced: list[int] = []
-        sent = ""
-        while (item := await tokens.get()) is not END:
+    async def generate(self, served: Served, rows: list[Row], answers: list[AnswerText],
+                       cancel: threading.Event) -> AsyncIterator[tuple[int, Piece, str | None]]:
+        """Each answer as it is generated, in pieces: ``(choice index, piece, finish_reason)``,
+        the finish reason with a choice's last piece only. ``rows`` are one per answer, or one
+        read by all."""
+        halts = [threading.Event() for _ in rows]
+        for row, halt in zip(rows, halts):
+            row.cancelled = lambda halt=halt: halt.is_set() or cancel.is_set()
+        readers = [range(len(answers))] if len(rows) == 1 else [[i] for i in range(len(rows))]
+        tokens = served.backend.batcher.submit(rows)
+        running = set(range(len(rows)))
+        while running:
+            r, item = await tokens.get()
+            if r not in running:
+                continue
             if isinstance(item, Exception):
                 log.error("generation failed for %s", served.name, exc_info=item)
                 raise ApiError(500, "generation failed; the server log has the details", code="server_error")
-            produced.append(item)
-            text = served.tokenizer.decode(produced, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        self.metrics.prompt_tokens.labels(served.name).inc(len(row.prompt_ids))
-        self.metrics.completion_tokens.labels(served.name).inc(len(produced))
+            for i in readers[r]:
+                answer = answers[i]
+                if answer.stopped:
+                    continue
+                if item is END:
+                    yield i, answer.finish(), rows[r].finish_reason
+                    continue
+                piece = answer.add(item)
+                if answer.stopped:
+                    yield i, piece, "stop"
+                elif piece:
+                    yield i, piece, None
+            if item is END or all(answers[i].stopped for i in readers[r]):
+                # a row whose answers all met a stop string leaves its batch at the next step; its END
+                # comes only when the whole batch ends, and is not waited for
+                halts[r].set()
+                running.discard(r)
+        self.metrics.prompt_tokens.labels(served.name).inc(len(rows[0].prompt_ids))
+        self.metrics.completion_tokens.labels(served.name).inc(sum(a.used for a in answers))
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -188,22 +213,22 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             messages = [{"role": m.role, "content": server.redact(m.content)} for m in body.messages]
             text = render(served.tokenizer, messages, add_generation_prompt=True)
-            row = server.row(served, served.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
+            rows = server.rows(served, served.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
         except BaseException:
             server.pool.release(served)
             raise
-        return await _answer(server, served, row, body, "chatcmpl-", chat_prompt(messages), chat=True)
+        return await _answer(server, served, rows, body, "chatcmpl-", chat_prompt(messages), chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, key: ApiKey | None = Depends(caller)):
         served = server.acquire(request, key, body.model, generates=True)
         try:
             prompt = server.redact(body.prompt)
-            row = server.row(served, served.tokenizer(prompt)["input_ids"], body, "prompt")
+            rows = server.rows(served, served.tokenizer(prompt)["input_ids"], body, "prompt")
         except BaseException:
             server.pool.release(served)
             raise
-        return await _answer(server, served, row, body, "cmpl-", prompt, chat=False)
+        return await _answer(server, served, rows, body, "cmpl-", prompt, chat=False)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request, key: ApiKey | None = Depends(caller)) -> dict:
@@ -256,30 +281,47 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _answer(server: Server, served: Served, row: Row, body, prefix: str, prompt: str, *, chat: bool):
-    """Generate for one request: a JSON body, or server-sent events when ``body.stream``."""
+async def _answer(server: Server, served: Served, rows: list[Row], body: ChatCompletionRequest | CompletionRequest,
+                  prefix: str, prompt: str, *, chat: bool):
+    """Generate ``body.n`` choices for one request: a JSON body, or server-sent events when
+    ``body.stream`` (the choices' chunks interleaved, each with its ``index``)."""
     response_id = prefix + secrets.token_hex(12)
     created = int(time.time())
     cancel = threading.Event()
     kind = "chat.completion" if chat else "text_completion"
+    decode = lambda ids: served.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    answers = [AnswerText(decode, body.stop) for _ in range(body.n)]
 
-    def finish(answer: str) -> dict:
-        server.responses.add(response_id, Answered(served.name, prompt, answer))
+    def finish(texts: list[str]) -> dict:
+        server.responses.add(response_id, Answered(served.name, prompt, texts[0]))  # feedback rates the first choice
         if server.config.log_bodies:
-            log.info("%s %s: %r -> %r", response_id, served.name, prompt, answer)
-        return {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.produced,
-                "total_tokens": len(row.prompt_ids) + row.produced}
+            log.info("%s %s: %r -> %r", response_id, served.name, prompt, texts)
+        used = sum(a.used for a in answers)
+        return {"prompt_tokens": len(rows[0].prompt_ids), "completion_tokens": used,
+                "total_tokens": len(rows[0].prompt_ids) + used}
+
+    def logprobs(tokens: list[AnswerToken]) -> dict | None:
+        if body.alternatives is None:
+            return None
+        return _chat_logprobs(tokens) if chat else _legacy_logprobs(tokens, len(prompt))
 
     if not body.stream:
+        texts, tokens, reasons = [""] * body.n, [[] for _ in range(body.n)], ["length"] * body.n
         try:
-            answer = server.redact("".join([piece async for piece in server.pieces(served, row, cancel)]))
+            async for i, piece, reason in server.generate(served, rows, answers, cancel):
+                texts[i] += piece.text
+                tokens[i] += piece.tokens
+                reasons[i] = reason or reasons[i]
         finally:
             cancel.set()
             server.pool.release(served)
-        usage = finish(answer)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": row.finish_reason}
-                  if chat else {"index": 0, "text": answer, "finish_reason": row.finish_reason, "logprobs": None})
-        return {"id": response_id, "object": kind, "created": created, "model": served.name, "choices": [choice],
+        texts = [server.redact(text) for text in texts]
+        usage = finish(texts)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs(tokens[i]),
+                    "finish_reason": reasons[i]} if chat else
+                   {"index": i, "text": texts[i], "logprobs": logprobs(tokens[i]), "finish_reason": reasons[i]}
+                   for i in range(body.n)]
+        return {"id": response_id, "object": kind, "created": created, "model": served.name, "choices": choices,
                 "usage": usage}
 
     def event(choices: list[dict], **extra) -> str:
@@ -287,38 +329,64 @@ async def _answer(server: Server, served: Served, row: Row, body, prefix: str, p
                    "model": served.name, "choices": choices, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def chunk(content: str | None, finish_reason: str | None = None, first: bool = False) -> str:
+    def chunk(i: int, content: str | None, tokens: list[AnswerToken] | None = None, finish_reason: str | None = None,
+              first: bool = False) -> str:
+        lp = logprobs(tokens) if tokens else None
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | (
                 {"content": content} if content is not None else {})
-            return event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
-        return event([{"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}])
+            return event([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}])
+        return event([{"index": i, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}])
 
     async def events() -> AsyncIterator[str]:
         try:
             if chat:
-                yield chunk(None, first=True)
-            pieces = []
-            async for piece in server.pieces(served, row, cancel):
-                pieces.append(piece)
-                if server.redactor is None:  # redaction needs the whole answer: it is sent at the end
-                    yield chunk(piece)
-            answer = "".join(pieces)
-            if server.redactor is not None:
-                answer = server.redact(answer)
-                yield chunk(answer)
-            usage = finish(answer)
-            yield chunk(None, row.finish_reason)
+                for i in range(body.n):
+                    yield chunk(i, None, first=True)
+            texts = [""] * body.n
+            async for i, piece, reason in server.generate(served, rows, answers, cancel):
+                texts[i] += piece.text
+                if server.redactor is None and piece:  # redaction needs the whole answer: it is sent at the end
+                    yield chunk(i, piece.text, piece.tokens)
+                if reason is not None:
+                    if server.redactor is not None:
+                        texts[i] = server.redact(texts[i])
+                        yield chunk(i, texts[i])
+                    yield chunk(i, None, finish_reason=reason)
+            usage = finish(texts)
             if body.stream_options and body.stream_options.include_usage:
                 yield event([], usage=usage)
             yield "data: [DONE]\n\n"
         except ApiError as exc:
             yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
         finally:
-            cancel.set()  # a client that left stops its row at the next step
+            cancel.set()  # a client that left stops its rows at the next step
             server.pool.release(served)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _token_entry(text: str, logprob: float | None) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _chat_logprobs(tokens: list[AnswerToken]) -> dict:
+    """Chat's ``choices[i].logprobs``: each token with its log-prob and the most likely alternatives."""
+    return {"content": [_token_entry(t.text, t.logprob) | {"top_logprobs": [_token_entry(s, lp) for s, lp in t.top]}
+                        for t in tokens], "refusal": None}
+
+
+def _legacy_logprobs(tokens: list[AnswerToken], prompt_chars: int) -> dict:
+    """Completions' ``choices[i].logprobs``; ``top_logprobs`` holds the chosen token too (so up to
+    k+1 entries) and ``text_offset`` counts from the start of the prompt, as OpenAI's do."""
+    tops = []
+    for t in tokens:
+        top: dict[str, float] = {}
+        for text, logprob in (*t.top, (t.text, t.logprob)):
+            top.setdefault(text, logprob)  # texts two tokens share keep the likelier one's
+        tops.append(top)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens], "top_logprobs": tops,
+            "text_offset": [prompt_chars + t.offset for t in tokens]}
 
 
 def _install_errors(app: FastAPI) -> None:

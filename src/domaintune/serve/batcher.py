@@ -11,19 +11,20 @@ import asyncio
 from concurrent.futures import Executor
 from typing import Callable
 
-from domaintune.serve.generation import Row
+from domaintune.serve.generation import Row, Token
 
-END = None  # put on a job's queue after its last token
+END = None  # put on a job's queue after a row's last token
 
-RunBatch = Callable[[list[Row], Callable[[int, int], None]], None]
+RunBatch = Callable[[list[Row], Callable[[int, Token], None]], None]
 
 
 class Batcher:
     """Queue of rows for one model, drained by a task that runs ``run_batch(rows, on_token)`` in
     ``executor`` on up to ``max_batch`` rows, waiting at most ``max_wait_s`` for company.
 
-    ``submit`` returns an asyncio queue that receives the row's token ids, then ``END``, or the
-    exception the batch raised.
+    ``submit`` returns an asyncio queue that receives ``(row_index, item)`` pairs: each row's
+    tokens, then ``END`` for that row, or the exception its batch raised. The rows of one call
+    usually share a batch; more than ``max_batch`` of them are split across batches.
     """
 
     def __init__(self, run_batch: RunBatch, executor: Executor, *, max_batch: int = 16, max_wait_s: float = 0.005,
@@ -37,14 +38,15 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, row: Row) -> asyncio.Queue:
-        """Queue ``row``; read its tokens from the returned queue."""
+    def submit(self, rows: list[Row]) -> asyncio.Queue:
+        """Queue ``rows``; read their tokens from the returned queue."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop, self._pending = loop, asyncio.Queue()
             self._task = loop.create_task(self._drain())
         out: asyncio.Queue = asyncio.Queue()
-        self._pending.put_nowait((row, out))
+        for i, row in enumerate(rows):
+            self._pending.put_nowait((row, out, i))
         return out
 
     async def close(self) -> None:
@@ -75,22 +77,26 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self._pending.get(), left))
                 except TimeoutError:
                     break
-            batch = [(row, out) for row, out in batch if not row.cancelled()]
-            if batch:
-                await self._run(loop, batch)
+            running = []
+            for row, out, index in batch:
+                if row.cancelled():
+                    out.put_nowait((index, END))
+                else:
+                    running.append((row, out, index))
+            if running:
+                await self._run(loop, running)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Row, asyncio.Queue]]) -> None:
-        outs = [out for _, out in batch]
-
-        def on_token(i: int, token: int) -> None:
-            loop.call_soon_threadsafe(outs[i].put_nowait, token)
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Row, asyncio.Queue, int]]) -> None:
+        def on_token(i: int, token: Token) -> None:
+            _, out, index = batch[i]
+            loop.call_soon_threadsafe(out.put_nowait, (index, token))
 
         if self.on_batch:
             self.on_batch(len(batch))
         try:
-            await loop.run_in_executor(self.executor, self.run_batch, [row for row, _ in batch], on_token)
+            await loop.run_in_executor(self.executor, self.run_batch, [row for row, _, _ in batch], on_token)
             result = END
         except Exception as exc:  # every waiting client hears of it; the batcher goes on
             result = exc
-        for out in outs:
-            out.put_nowait(result)
+        for _, out, index in batch:
+            out.put_nowait((index, result))

@@ -3,9 +3,13 @@ as clients send them), plus the classify and feedback bodies of this API."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_CHOICES = 8  # the largest n
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
 
 
 class _Request(BaseModel):
@@ -25,29 +29,64 @@ class _Sampling(_Request):
     model: str
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: Literal[1] = 1  # one choice per prompt: batching already serves parallel calls
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    seed: int | None = None  # sampled choice i uses seed + i: the same seed gives the same answers
+    stop: list[str] = Field(default_factory=list)  # a string or up to 4; the answer ends before the first
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> list[str]:
+        # checked here, not by the type, so that every error names the parameter "stop"
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("give a string or a list of strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings")
+        if "" in stops:
+            raise ValueError("a stop string cannot be empty")
+        return stops
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("set logprobs to true to use top_logprobs")
+        return value
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def alternatives(self) -> int | None:
+        """How many most likely tokens to list with each token's log-prob; None: no log-probs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
     prompt: str
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)  # strict: true is no count
 
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        """How many most likely tokens to list with each token's log-prob; None: no log-probs."""
+        return self.logprobs
 
 
 class ClassifyRequest(_Request):
