@@ -49,11 +49,16 @@ def _row_losses_alone(model, rows: list[Tokenized]) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("per_row", [False, True], ids=["block-diagonal mask", "row attention"])
-def test_a_packed_batch_gives_each_row_the_loss_it_has_alone(llama, per_row):
+@pytest.mark.parametrize("per_row, same_length", [(False, False), (True, False), (True, True)],
+                         ids=["block-diagonal mask", "row attention", "row attention, rows of one length"])
+def test_a_packed_batch_gives_each_row_the_loss_it_has_alone(llama, per_row, same_length):
     model, tokenizer = llama
     rows = _chats(tokenizer)
-    assert len({len(r.input_ids) for r in rows}) > 3
+    if same_length:  # one batched attention call instead of one per row
+        shortest = min(len(r.input_ids) for r in rows)
+        rows = [Tokenized(r.input_ids[:shortest], r.input_ids[:shortest]) for r in rows]
+    else:
+        assert len({len(r.input_ids) for r in rows}) > 3
     packed = pack_rows([r.input_ids for r in rows], [r.labels for r in rows])
     with torch.no_grad(), row_attention(model) if per_row else nullcontext() as switched:
         assert switched is not False or not per_row

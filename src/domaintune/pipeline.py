@@ -304,6 +304,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                 timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.evaluate.run_eval import score_causal, sft_max_new_tokens
     from domaintune.train.causal import ensure_chat_template, pack_text, save_causal, tokenize_chat, train_causal
+    from domaintune.train.speed import accelerated, place, plan_speed, release
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
@@ -342,18 +343,23 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     timings["base_eval_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
+                      checkpointing=spec.training.activation_checkpointing)
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
     if init_from is not None:  # an update continues from that run's weights
         from domaintune.update.warm_start import continue_causal
 
-        model = continue_causal(model, init_from, spec.method)
+        model = place(continue_causal(place(model, plan, spec.method), init_from, spec.method), plan, spec.method)
     else:
-        model = apply_method(model, spec, task_type="CAUSAL_LM", tokenizer_path=str(base.path))
+        model = apply_method(place(model, plan, spec.method), spec, task_type="CAUSAL_LM",
+                             tokenizer_path=str(base.path))
     trainable, total = count_parameters(model)
-    console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences")
-    log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec, run_dir),
-                       batch_size=int(spec.training.batch_size), console=console, description="train",
-                       eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing)
+    console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences ({plan.device})")
+    with accelerated(model, plan):
+        log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec, run_dir),
+                           batch_size=int(spec.training.batch_size), console=console, description="train",
+                           eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing, speed=plan)
+    model = release(model, plan, spec.method)
     if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
         distributed.leave()
     timings["train_s"] = time.perf_counter() - clock

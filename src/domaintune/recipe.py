@@ -123,6 +123,13 @@ class TrainingConfig(_Section):
     packing: bool = Field(
         True, description="sft/pretrain: lay the rows of each batch end to end instead of padding them, each row "
                           "attending only to itself (same loss, less work; off for prompt and prefix tuning).")
+    speed: Literal["auto", "off"] = Field(
+        "auto", description="sft/pretrain on a CUDA GPU: auto trains in bfloat16 with Liger's kernels (when "
+                            "installed) and a loss that never materialises the logits; off keeps the plain path. "
+                            "No effect on a CPU.")
+    activation_checkpointing: float = Field(
+        0.0, ge=0, le=1, description="The fraction of decoder layers whose activations are recomputed in the "
+                                     "backward pass instead of kept: less memory for longer sequences, more time.")
 
 
 class LoraConfig(_Section):

@@ -18,6 +18,7 @@ from domaintune.train import distributed
 from domaintune.train.batching import length_grouped_batches, pad_right
 from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
 from domaintune.train.packing import IGNORE, pack_rows, packing_honoured, row_attention
+from domaintune.train.speed import SpeedPlan, hidden_and_head, linear_cross_entropy
 
 # Used only when a tokenizer has no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -125,11 +126,7 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     keep = mask.any(0).nonzero().squeeze(1)
     full = len(keep) == targets.size(1)
     offset = _virtual_tokens(model)
-    if "position_ids" in batch:  # packed; transformers reads the restarts as row boundaries only without a cache
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = model(**inputs, logits_to_keep=0 if full else keep + offset).logits
+    logits = model(**_model_inputs(batch), logits_to_keep=0 if full else keep + offset).logits
     logits = logits[:, offset:-1] if full else logits
     targets, mask = (targets, mask) if full else (targets[:, keep], mask[:, keep])
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -137,16 +134,34 @@ def _token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return nll, mask
 
 
+def _model_inputs(batch: dict) -> dict:
+    if "position_ids" in batch:  # packed; transformers reads the restarts as row boundaries only without a cache
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _fused_loss(decoder, head, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed NLL of the labelled tokens, and their count, from the decoder's hidden states
+    and the head's weight (``speed.linear_cross_entropy``): no logits are materialised."""
+    batch = {k: v.to(head.weight.device) for k, v in batch.items()}
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    hidden = decoder(**_model_inputs(batch)).last_hidden_state[:, :-1]
+    return linear_cross_entropy(hidden[mask], head.weight, targets[mask]), mask.sum()
+
+
 def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, batch_size: int,
                  console: Console, description: str, eval_rows: list[Tokenized] | None = None,
-                 packing: bool = True) -> list[dict]:
+                 packing: bool = True, speed: SpeedPlan = SpeedPlan()) -> list[dict]:
     """Fine-tune on ``rows`` with next-token cross-entropy over the labelled tokens; with
     ``eval_rows``, ``loop.eval_every`` measures the same loss on them.
 
     Batches hold ``batch_size`` rows of similar length. With ``packing`` each batch is laid end
     to end as one sequence instead of padded (see ``packing``), unless the method or the
-    architecture cannot keep packed rows apart. Under torchrun each process takes its share of
-    the rows of every batch.
+    architecture cannot keep packed rows apart, or the rows differ in length where the plan says
+    not to pack those (``SpeedPlan.pack_mixed_lengths``, off on a GPU). Under torchrun each process takes its share of
+    the rows of every batch. ``speed`` says how the forward pass and the loss run (see ``speed``);
+    the model is already on its device.
     """
     seed_everything(loop.seed)
     packing = packing and not _prompt_learning(model)
@@ -154,12 +169,13 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
         if packing and not packing_honoured(model, [r.input_ids for r in rows[:2]]):
             console.print("[yellow]this architecture lets packed rows attend to each other: training on padded batches[/]")
             packing = False
-        return _train(model, tokenizer, rows, loop, batch_size, console, description, eval_rows, packing)
+        return _train(model, tokenizer, rows, loop, batch_size, console, description, eval_rows, packing, speed)
 
 
 def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size: int, console: Console,
-           description: str, eval_rows: list[Tokenized] | None, packing: bool) -> list[dict]:
+           description: str, eval_rows: list[Tokenized] | None, packing: bool, speed: SpeedPlan) -> list[dict]:
     lengths = [len(r.input_ids) for r in rows]
+    fused = hidden_and_head(model) if speed.fused_loss else None
 
     def batches_for_epoch(epoch: int) -> list[dict]:
         batches = []
@@ -168,7 +184,8 @@ def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size
             if not mine:  # a last batch smaller than the number of processes
                 batches.append({})
             else:
-                batches.append(_pack(mine) if packing else _batch(mine, tokenizer.pad_token_id))
+                pack = packing and (speed.pack_mixed_lengths or len({len(r.input_ids) for r in mine}) == 1)
+                batches.append(_pack(mine) if pack else _batch(mine, tokenizer.pad_token_id))
         return batches
 
     def loss_fn(m, batch: dict) -> tuple[torch.Tensor, int]:
@@ -177,13 +194,19 @@ def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size
         if not batch:
             distributed.all_sum(0)
             return torch.zeros((), requires_grad=True), 0
-        nll, mask = _token_losses(m, batch)
-        labelled = distributed.all_sum(int(mask.sum())) / distributed.world_size()
+        with speed.autocast():
+            if fused is not None:
+                total, count = _fused_loss(*fused, batch)
+            else:
+                nll, mask = _token_losses(m, batch)
+                total, count = (nll * mask).sum(), mask.sum()
+        labelled = distributed.all_sum(int(count)) / distributed.world_size()
         tokens = batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"].sum()
-        return (nll * mask).sum() / max(1.0, labelled), int(tokens)
+        return total / max(1.0, labelled), int(tokens)
 
     def eval_loss(m) -> float:
-        return math.log(perplexity(m, tokenizer, eval_rows, batch_size)[0])
+        with speed.autocast():
+            return math.log(perplexity(m, tokenizer, eval_rows, batch_size)[0])
 
     groups = param_groups(model.named_parameters(), loop.weight_decay)
     return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, description,

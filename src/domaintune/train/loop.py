@@ -107,7 +107,10 @@ def train_loop(
     steps_per_epoch = max(1, math.ceil(len(first_epoch) / accumulation))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    groups = [g for g in groups if g["params"]]
+    # one fused kernel for the whole step instead of several per tensor, where the weights are on a GPU
+    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True if on_gpu else None)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     checkpoint_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
     main = distributed.is_main()

@@ -68,6 +68,11 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rest = {k: v for k, v in kwargs.items() if k != "position_ids"}
     bounds = starts + [query.shape[2]]
+    if len({e - s for s, e in zip(bounds, bounds[1:])}) == 1:  # rows of one length: one batched call
+        n = len(starts)
+        rows = [t.reshape(t.shape[1], n, t.shape[2] // n, t.shape[3]).transpose(0, 1) for t in (query, key, value)]
+        out = sdpa_attention_forward(module, *rows, None, **rest)[0]  # (rows, row length, heads, head_dim)
+        return out.reshape(1, -1, *out.shape[2:]), None
     outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **rest)[0]
                for s, e in zip(bounds, bounds[1:])]
     return torch.cat(outputs, dim=1), None  # (batch, length, heads, head_dim)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One call on a GPU machine without internet: the wheels it lacks travel in .whl (see bench/README.md).
+# Runs the GPU tests, then bench/gpu_train.py; logs and the JSON go to ${OUT:-.}.
+set -u
+OUT=${OUT:-.}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger-kernel', m.version('liger-kernel'))"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py 2>&1 | tee $OUT/pytest_gpu.log | tail -8
+python3 bench/gpu_train.py --timeout ${VARIANT_TIMEOUT:-150} --budget ${BUDGET:-380} --out $OUT/gpu_train.json "$@" 2>&1 | tee $OUT/gpu_train.log
