@@ -1,10 +1,12 @@
 """Export a finished run's model for use without domaintune: the base with the adapter merged
-in, as safetensors with the tokenizer (and its chat template), loadable by plain transformers."""
+in, as safetensors with the tokenizer (and its chat template), loadable by plain transformers;
+or, for Llama-family causal LMs, as one GGUF file for llama.cpp and Ollama (``export_gguf``)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from domaintune import catalog
@@ -58,6 +60,28 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return out
+
+
+def export_gguf(run_dir: Path, out: Path, dtype: str = "f16") -> Path:
+    """Write ``run_dir``'s causal LM, adapter merged in, to the GGUF file ``out`` (see
+    ``export_gguf.write_gguf`` for ``dtype``). The file appears only when complete."""
+    from domaintune.train.export_gguf import write_gguf
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise DomaintuneError(f"{out} exists", hint="choose a new file name for --gguf")
+    if (run_dir / "recipe.yaml").is_file() and load_recipe(run_dir / "recipe.yaml").task == "classification":
+        raise ModelError("GGUF files hold language models for llama.cpp; this run is a classifier",
+                         hint="export it with --merged")
+    partial = out.with_name(f".{out.name}.partial")
+    with tempfile.TemporaryDirectory(prefix="domaintune-gguf-") as scratch:
+        merged = export_merged(run_dir, Path(scratch) / "merged")
+        try:
+            write_gguf(merged, partial, dtype)
+            partial.rename(out)
+        finally:
+            partial.unlink(missing_ok=True)
     return out
 
 
