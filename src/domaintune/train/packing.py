@@ -12,10 +12,11 @@ of a step, never its loss (``tests/test_packing.py`` checks both against rows ru
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -73,9 +74,15 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
         rows = [t.reshape(t.shape[1], n, t.shape[2] // n, t.shape[3]).transpose(0, 1) for t in (query, key, value)]
         out = sdpa_attention_forward(module, *rows, None, **rest)[0]  # (rows, row length, heads, head_dim)
         return out.reshape(1, -1, *out.shape[2:]), None
-    outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **rest)[0]
-               for s, e in zip(bounds, bounds[1:])]
+    # Every row is a new shape: on a GPU keep to the kernels that take any length as it comes,
+    # never cuDNN's, which plans per shape (the suspected cause of slow packed GPU steps, bench/README.md).
+    with sdpa_kernel(_ANY_LENGTH_BACKENDS) if query.is_cuda else nullcontext():
+        outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **rest)[0]
+                   for s, e in zip(bounds, bounds[1:])]
     return torch.cat(outputs, dim=1), None  # (batch, length, heads, head_dim)
+
+
+_ANY_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 AttentionInterface.register(ROW_ATTENTION, _row_sdpa)
