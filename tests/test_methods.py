@@ -69,6 +69,20 @@ def test_report_to_a_missing_tracker_fails_before_loading(classification_recipe,
             register=False)
 
 
+def test_report_to_tensorboard_logs_every_step_of_the_run(classification_recipe, tmp_path):
+    pytest.importorskip("tensorboard")  # a dev dependency: installed wherever the suite runs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(classification_recipe, overrides={"training.report_to": "tensorboard", "training.epochs": 2},
+                 output_dir=tmp_path / "runs", register=False)
+    log = [json.loads(line) for line in (result.run_dir / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(result.run_dir / "tensorboard")).Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [r["step"] for r in log]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    assert "config" in "".join(events.Tags()["tensors"])
+
+
 @pytest.mark.parametrize("method", ["dora", "ia3"])
 def test_classification_methods_train_and_reload(classification_recipe, tmp_path, method):
     from domaintune.train.classification import load_classifier, predict_proba
