@@ -9,8 +9,9 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -32,6 +33,9 @@ from domaintune.registry.model_card import write_model_card
 from domaintune.train import distributed
 from domaintune.train.loop import LoopConfig, seed_everything
 from domaintune.train.methods import apply_method, check_runs_here, count_parameters, load_quantized_causal_lm
+
+if TYPE_CHECKING:
+    from domaintune.train.preference import PreferencePhase
 
 
 @dataclass
@@ -70,7 +74,7 @@ class RunResult:
 def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir: str | Path | None = None,
         console: Console | None = None, gates: list[str] | None = None, register: bool = True,
         registry_url: str | None = None, resume: str | Path | None = None,
-        init_from: str | Path | None = None) -> RunResult:
+        init_from: str | Path | None = None, preference: PreferencePhase | None = None) -> RunResult:
     """Run a recipe end to end and return its result. ``overrides`` maps dotted recipe keys to
     values (``{"training.epochs": 1}``); ``output_dir`` replaces the recipe's ``output_dir``;
     ``gates`` are added to the recipe's ``evaluate.gates`` (``result.passed`` tells whether all held;
@@ -78,7 +82,9 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     candidate version in the registry (``registry_url``, default: see ``domaintune.registry``).
     ``resume`` continues a run that was killed (its ``.partial`` folder, or the run directory it
     was to become) from its last checkpoint, with the same run id. ``init_from`` (a run directory)
-    starts training from that run's trained weights instead of a fresh adapter (``domaintune update``)."""
+    starts training from that run's trained weights instead of a fresh adapter (``domaintune update``).
+    ``preference`` (sft) adds a DPO phase on its pairs after training, its reference the
+    model as training starts; it writes into ``preference/`` of the run (``domaintune update``)."""
     console = console or Console(stderr=True, quiet=True)
     quiet_libraries()
     recipe_path = Path(recipe).resolve()
@@ -113,7 +119,7 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         staging.mkdir(parents=True)
     try:
         processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine")
-        runner = _run_classification if spec.task == "classification" else _run_causal
+        runner = _run_classification if spec.task == "classification" else partial(_run_causal, preference=preference)
         result, train_log = runner(spec, base, data, staging, console, timings,
                                    Path(init_from) if init_from is not None else None)
         result.run_dir = run_dir
@@ -301,7 +307,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: Console,
-                timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
+                timings: dict[str, float], init_from: Path | None = None,
+                preference: PreferencePhase | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.evaluate.run_eval import score_causal, sft_max_new_tokens
     from domaintune.train.causal import ensure_chat_template, pack_text, save_causal, tokenize_chat, train_causal
     from domaintune.train.speed import accelerated, place, plan_speed, release
@@ -355,10 +362,14 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                              tokenizer_path=str(base.path))
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences ({plan.device})")
+    if preference is not None:
+        preference.start(model, tokenizer, console)
     with accelerated(model, plan):
         log = train_causal(model, tokenizer, train_rows, loop=_loop_config(spec, run_dir),
                            batch_size=int(spec.training.batch_size), console=console, description="train",
                            eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing, speed=plan)
+        if preference is not None:
+            preference.train(model, tokenizer, _loop_config(spec, run_dir / "preference"), console)
     model = release(model, plan, spec.method)
     if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
         distributed.leave()

@@ -211,6 +211,11 @@ class UpdateConfig(_Section):
     gate_new: str | None = Field(
         None, description="Condition on the new eval rows; default: the candidate beats production.")
     seed: int | None = Field(None, description="Seeds the replay sample and the split of new rows; defaults to training.seed.")
+    preference: bool = Field(
+        False, description="sft: corrections of answers rated bad (1 or 2) also train as preference pairs "
+                           "(chosen: the correction, rejected: the served answer), with DPO after the supervised rows.")
+    beta: float = Field(
+        0.1, gt=0, description="DPO's beta: how strongly the preference phase may move away from production.")
 
 
 class Recipe(_Section):

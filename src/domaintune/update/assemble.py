@@ -4,11 +4,15 @@
     feedback corrections ──────────┼─▶ train.jsonl   (column ``source``: new / feedback:<id> / replay)
     replay sample of earlier rows ─┘
     new held-out rows ─────────────▶ eval.jsonl
+    feedback pairs ────────────────▶ pairs.jsonl   (update.preference: chosen and rejected answers)
 
 The rows go through the recipe's own data steps (validation, cleaning, PII redaction,
 deduplication); then every new or feedback row that duplicates a row any earlier version trained
 or was evaluated on is dropped, so nothing is learned twice and no frozen eval row leaks into
 training. Replay rows are earlier training rows on purpose and are exempt.
+
+A preference pair is made only from a feedback row those steps kept: its chosen chat is that row
+as processed, and its rejected answer goes through the same per-row steps (cleaning, redaction).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from domaintune.catalog import CATALOG
 from domaintune.data.dedup import deduplicate
 from domaintune.data.examples import ChatExample
 from domaintune.data.prepare import PreparedData, prepare
-from domaintune.data.readers import read_rows
+from domaintune.data.readers import Row, read_rows
 from domaintune.data.split import holdout_split
+from domaintune.data.steps import Example, RowSteps, make_redactor
 from domaintune.errors import DataError
 from domaintune.recipe import Recipe, load_recipe
 from domaintune.update.feedback_rows import FeedbackRows
@@ -72,12 +77,15 @@ class Assembly:
     feedback_ids: list[str] = field(default_factory=list)
     feedback_skipped: dict[str, int] = field(default_factory=dict)
     replay_pool: int = 0
+    pairs: Path | None = None  # pairs.jsonl, when there are preference pairs
+    pair_ids: list[str] = field(default_factory=list)  # their feedback ids
 
     def summary(self) -> dict[str, Any]:
         return {"train_rows": dict(self.train_rows), "eval_rows": self.eval_rows, "new_eval": self.new_eval,
                 "earlier_duplicates_dropped": len(self.earlier_duplicates), "dropped_by_data_steps": self.data_dropped,
                 "pii_found": self.pii, "feedback_ids": self.feedback_ids,
-                "feedback_skipped": self.feedback_skipped, "replay_pool": self.replay_pool}
+                "feedback_skipped": self.feedback_skipped, "replay_pool": self.replay_pool,
+                "pair_ids": self.pair_ids}
 
 
 def assemble(recipe: dict[str, Any], line: list[Ancestor], data_files: list[Path], feedback: FeedbackRows,
@@ -106,7 +114,8 @@ def assemble(recipe: dict[str, Any], line: list[Ancestor], data_files: list[Path
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(_update_recipe(recipe, line[-1], settings), sort_keys=False, allow_unicode=True),
                     encoding="utf-8")
-    prepared = prepare(load_recipe(path), workdir, console)
+    update_spec = load_recipe(path)
+    prepared = prepare(update_spec, workdir, console)
 
     with console.status("update: looking for rows that earlier versions already saw"):
         repeated = _seen_before(prepared, line, spec)
@@ -114,12 +123,39 @@ def assemble(recipe: dict[str, Any], line: list[Ancestor], data_files: list[Path
         _write_jsonl(workdir / "train.jsonl", [r for r in train if r["origin"] not in repeated])
         _write_jsonl(workdir / "eval.jsonl", [r for r in evaluation if r["origin"] not in repeated])
     kept = [e for e in prepared.train if e.meta["origin"] not in repeated]
+    pairs = _pairs(kept, feedback, update_spec)
+    if pairs:
+        _write_jsonl(workdir / "pairs.jsonl", pairs)
     return Assembly(
         recipe=path, train_rows=Counter(_kind(e.meta["source"]) for e in kept),
         eval_rows=sum(e.meta["origin"] not in repeated for e in prepared.eval), new_eval=bool(new_eval),
         earlier_duplicates=sorted(repeated), data_dropped=len(prepared.dropped), pii=prepared.card["pii"]["found"],
         feedback_ids=[e.meta["source"].removeprefix("feedback:") for e in kept if _kind(e.meta["source"]) == "feedback"],
-        feedback_skipped=dict(feedback.skipped), replay_pool=len(pool))
+        feedback_skipped=dict(feedback.skipped), replay_pool=len(pool),
+        pairs=workdir / "pairs.jsonl" if pairs else None,
+        pair_ids=[p["source"].removeprefix("feedback:") for p in pairs])
+
+
+def _pairs(kept: list[Example], feedback: FeedbackRows, spec: Recipe) -> list[dict[str, Any]]:
+    """The preference pairs of the feedback rows in ``kept``: the chosen chat as processed, the
+    served answer through the same per-row steps as the chat it answers."""
+    if not feedback.rejected:
+        return []
+    prompts = {r["source"]: r["messages"][:-1] for r in feedback.rows}
+    steps = RowSteps(spec, "train", make_redactor(spec))
+    out = []
+    for example in kept:
+        source = example.meta["source"]
+        rejected = feedback.rejected.get(source.removeprefix("feedback:")) if _kind(source) == "feedback" else None
+        if rejected is None:
+            continue
+        chat = {"messages": [*prompts[source], {"role": "assistant", "content": rejected}]}
+        outcome = steps.run(Row(chat, example.where))
+        if outcome.example is None:  # nothing left of the served answer after cleaning
+            continue
+        out.append({"prompt": example.prompt_messages, "chosen": example.answer, "rejected": outcome.example.answer,
+                    "source": source, "reviewer": example.meta.get("reviewer", ""), "where": example.where})
+    return out
 
 
 class _FieldNames:

@@ -4,6 +4,10 @@ A correction becomes a row of the model's task: a relabelled text for classifica
 with the corrected answer for sft. Each row carries ``source: feedback:<id>`` and the reviewer,
 so lineage says where it came from. Feedback a row cannot be made from (a rating alone, a batch
 of texts answered at once, or a pretraining model) is counted, not used.
+
+With ``preference`` an sft correction of an answer rated bad (``BAD_RATING`` or lower) is also a
+preference pair: the correction chosen over the answer the server gave, which is kept in
+``FeedbackRows.rejected`` under the feedback id.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from domaintune.errors import DomaintuneError
 from domaintune.serve.feedback import FeedbackRecord
 
+BAD_RATING = 2  # of 1 (worst) to 5: the served answer was wrong, not merely improvable
+
 
 @dataclass
 class FeedbackRows:
@@ -24,6 +30,7 @@ class FeedbackRows:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    rejected: dict[str, str] = field(default_factory=dict)  # feedback id -> the served answer of a pair
 
 
 def parse_since(text: str) -> datetime:
@@ -37,10 +44,11 @@ def parse_since(text: str) -> datetime:
 
 
 def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
-                  since: datetime | None = None) -> FeedbackRows:
+                  since: datetime | None = None, preference: bool = False) -> FeedbackRows:
     """Training rows from ``records``, leaving out the ids in ``used`` (learned by an earlier
     version) and records older than ``since``. Classification rows are ``{text, label}``, sft rows
-    ``{messages}``: the shapes of a run's processed data."""
+    ``{messages}``: the shapes of a run's processed data. With ``preference``, sft corrections of
+    answers rated bad are also pairs (``rejected``)."""
     out = FeedbackRows()
     for record in records:
         if record.id in used:
@@ -58,7 +66,15 @@ def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
                     {"messages": [*_messages(record.prompt), {"role": "assistant", "content": record.correction}]})
             out.rows.append({**body, "source": f"feedback:{record.id}", "reviewer": record.reviewer or "",
                              "origin": f"feedback {record.response_id}"})
+            if preference and task == "sft" and _is_pair(record):
+                out.rejected[record.id] = record.answer
     return out
+
+
+def _is_pair(record: FeedbackRecord) -> bool:
+    """Rated bad, and corrected to something else: a preference between two answers."""
+    return (record.rating is not None and record.rating <= BAD_RATING
+            and record.answer.strip() != record.correction.strip())
 
 
 def _is_batch(prompt: str) -> bool:

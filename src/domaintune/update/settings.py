@@ -2,6 +2,9 @@
 
 Read from the production version's resolved recipe, so an update uses the settings the model was
 made with; command-line options override them for one update.
+
+``preference`` and ``beta`` say whether corrections of answers rated bad are also trained as
+preference pairs, with DPO (see ``domaintune.update.updater``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,17 @@ The update is an ordinary run directory with two more files: ``update.json`` (wh
 from and the whole comparison) and ``update_report.md``. "Rejected" is the ``archived`` stage
 with an audit entry whose reason lists the failing clauses: the registry's stages stay as they
 are, and a rejected version is never a rollback target (it was never in production).
+
+Preference pairs (``update.preference``): a correction of an answer rated bad is an sft row as
+any correction, and also a pair, the correction chosen over the served answer. The run trains
+on the sft rows (new, feedback, replay) as always, then runs DPO on the pairs
+(``train.preference``), its reference production's model as the update starts (the log-probs
+are taken before the sft phase). The sft row makes the model say the correction; the pair, in
+addition, makes it less likely to give the answer that was rated bad. Keeping the row keeps the
+data steps and the check against earlier eval sets in charge of what a pair may contain (a pair
+exists only for a row they kept), and an update never has zero sft rows to train on. The phase
+leaves ``preference/`` in the run directory (its log, the pairs with their feedback ids and
+reviewers, reward accuracy before and after), and ``update.json`` lists ``pair_ids``.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -29,6 +40,9 @@ from domaintune.registry.store import ModelVersion, Registry
 from domaintune.update.assemble import Ancestor, Assembly, ancestors, assemble
 from domaintune.update.feedback_rows import FeedbackRows, feedback_rows, parse_since
 from domaintune.update.settings import UpdateConfig, default_gates, update_config
+
+if TYPE_CHECKING:
+    from domaintune.train.preference import PreferencePhase
 
 
 @dataclass
@@ -64,7 +78,8 @@ class UpdateResult:
 def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, feedback_db: str | Path | None = None,
            since: str | None = None, dry_run: bool = False, gate: str | None = None, gate_new: str | None = None,
            promote: bool = True, replay_ratio: float | None = None, learning_rate: float | None = None,
-           epochs: float | None = None, tolerance: float | None = None, registry_url: str | None = None, output_dir: str | Path | None = None,
+           epochs: float | None = None, tolerance: float | None = None, preference: bool | None = None,
+           beta: float | None = None, registry_url: str | None = None, output_dir: str | Path | None = None,
            console: Console | None = None) -> UpdateResult:
     """Update model ``name`` from its production version with the rows of ``data`` files and
     (``feedback``) the corrections in the feedback store (``feedback_db``, newer than ``since``).
@@ -79,10 +94,11 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
         production = _production(registry, name)
         settings = update_config(production.recipe, {"replay_ratio": replay_ratio, "learning_rate": learning_rate,
                                                      "epochs": epochs, "tolerance": tolerance, "gate": gate,
-                                                     "gate_new": gate_new})
+                                                     "gate_new": gate_new, "preference": preference, "beta": beta})
         gates = _gates(production.task, settings)
         line = ancestors(production.ref, production.run_dir)
-        rows = _feedback(name, production.task, line, feedback_db, since) if feedback else FeedbackRows()
+        rows = (_feedback(name, production.task, line, feedback_db, since, settings.preference) if feedback
+                else FeedbackRows())
         out_root = Path(output_dir) if output_dir is not None else production.run_dir.parent.parent
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         workdir = Path(tempfile.mkdtemp()) if dry_run else out_root / name / "updates" / stamp
@@ -100,7 +116,7 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
 
         console.print(f"[bold]{name}[/]: updating {production.ref} with {dict(assembly.train_rows)} training rows")
         run_result = run(assembly.recipe, output_dir=out_root, console=console, register=False,
-                         init_from=production.run_dir)
+                         init_from=production.run_dir, preference=_preference_phase(assembly, settings, production))
         result.run_dir = run_result.run_dir
         result.comparisons = _compare(result.run_dir, production, line, assembly, gates, console)
         version = registry.register(result.run_dir)
@@ -127,7 +143,8 @@ def _gates(task: str, settings: UpdateConfig) -> dict[str, str]:
     return chosen
 
 
-def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, since: str | None) -> FeedbackRows:
+def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, since: str | None,
+              preference: bool) -> FeedbackRows:
     from domaintune.serve.feedback import FeedbackStore
 
     used = set()
@@ -137,9 +154,24 @@ def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, since: st
             used.update(json.loads(record.read_text(encoding="utf-8"))["data"]["feedback_ids"])
     store = FeedbackStore(feedback_db)
     try:
-        return feedback_rows(store.records(model=name), task, used=used, since=parse_since(since) if since else None)
+        return feedback_rows(store.records(model=name), task, used=used, since=parse_since(since) if since else None,
+                             preference=preference)
     finally:
         store.close()
+
+
+def _preference_phase(assembly: Assembly, settings: UpdateConfig, production: ModelVersion) -> PreferencePhase | None:
+    """DPO on the assembled pairs, batched and cut as production's recipe says; None without pairs."""
+    if assembly.pairs is None:
+        return None
+    from domaintune.train.preference import PreferencePair, PreferencePhase
+
+    rows = [json.loads(line) for line in assembly.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["where"],
+                            {"source": r["source"], "reviewer": r["reviewer"]}) for r in rows]
+    training = production.recipe["training"]
+    return PreferencePhase(pairs, beta=settings.beta, batch_size=int(training["batch_size"]),
+                           max_length=int(training["max_seq_length"]))
 
 
 def _compare(run_dir: Path, production: ModelVersion, line: list[Ancestor], assembly: Assembly,
