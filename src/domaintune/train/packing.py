@@ -76,9 +76,12 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
         return out.reshape(1, -1, *out.shape[2:]), None
     # Every row is a new shape: on a GPU keep to the kernels that take any length as it comes,
     # never cuDNN's, which plans per shape (the suspected cause of slow packed GPU steps, bench/README.md).
+    # split, not slices: the backward of a split is one concatenation, while each slice's backward
+    # would fill a zero tensor of the whole sequence and add it up (a quarter of a CPU step, profiled)
+    lengths = [e - s for s, e in zip(bounds, bounds[1:])]
     with sdpa_kernel(_ANY_LENGTH_BACKENDS) if query.is_cuda else nullcontext():
-        outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **rest)[0]
-                   for s, e in zip(bounds, bounds[1:])]
+        outputs = [sdpa_attention_forward(module, q, k, v, None, **rest)[0]
+                   for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
     return torch.cat(outputs, dim=1), None  # (batch, length, heads, head_dim)
 
 
