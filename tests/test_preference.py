@@ -138,5 +138,7 @@ def test_an_update_with_preference_trains_on_the_pairs_and_records_them(producti
     assert summary["pairs"] == len(bad) and summary["beta"] == 0.5 and len(steps) == summary["steps"] > 0
     assert summary["after"]["reward_margin"] > summary["before"]["reward_margin"]
     assert not (phase / "checkpoints").exists()
+    hashed = {f["file"] for f in json.loads((result.run_dir / "lineage.json").read_text())["processed_data"]}
+    assert "preference/pairs.jsonl" in hashed
     with Registry(registry_url) as registry:
         assert registry.get(NAME, 2).ref == result.registered

@@ -133,6 +133,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
             for sample in result.samples:
                 fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
         timings["total_s"] = time.perf_counter() - clock
+        pairs = staging / "preference" / "pairs.jsonl"  # trained on too, when an update brings preference pairs
+        processed = [*processed, pairs] if pairs.is_file() else processed
         lineage = build_lineage(spec, recipe_path, data.sources, processed, base, staging / "adapter", run_id, timings)
         (staging / "lineage.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
         write_model_card(staging)
