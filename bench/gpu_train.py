@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,6 @@ def run_plain(v: Variant, device: str) -> dict:
 def run_auto(v: Variant, device: str) -> dict:
     from types import SimpleNamespace
 
-    import torch
     from rich.console import Console
 
     from domaintune.train import speed

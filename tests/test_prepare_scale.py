@@ -12,7 +12,6 @@ import pytest
 from conftest import ticket_rows, write_csv, write_jsonl, write_recipe
 from test_dedup import ONE_WORD_CHANGED, TICKET, random_corpus
 
-from domaintune.data import dedup_index
 from domaintune.data.array_split import group_mask, holdout_mask, time_mask
 from domaintune.data.dedup import deduplicate
 from domaintune.data.dedup_index import deduplicate_compact
@@ -173,14 +172,6 @@ def test_the_compact_index_decides_as_the_datasketch_one(exact, near):
     expected = deduplicate(train, evaluation, exact=exact, near=near)
     assert expected.train_duplicate_of and expected.eval_leaks
     assert deduplicate_compact(train, evaluation, exact=exact, near=near) == expected
-
-
-def test_a_huge_band_bucket_pairs_its_rows_with_its_first_rows_only(monkeypatch):
-    monkeypatch.setattr(dedup_index, "MAX_BUCKET_HEADS", 3)
-    values = np.array([5] * 10 + [7, 7], dtype=np.uint64)
-    later, earlier = dedup_index._pairs_in_runs(values, np.arange(12))
-    pairs = set(zip(later.tolist(), earlier.tolist()))
-    assert pairs == {(j, i) for i in range(3) for j in range(i + 1, 10)} | {(11, 10)}
 
 
 def test_array_splits():

@@ -127,6 +127,8 @@ def prepare(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Directory to write (default: <output_dir>/<name>/data-<time> next to the recipe).")] = None,
     set_: SetOption = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Prepare in bounded memory, streaming the files through worker processes, or all in memory (default: stream inputs of 64 MiB or more).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Worker processes when streaming (default: the CPUs available).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the data card as JSON and nothing else.")] = False,
 ) -> None:
     """Write the processed train/eval data (data/train.jsonl, data/eval.jsonl, and
@@ -136,7 +138,8 @@ def prepare(
 
     try:
         directory, prepared = prepare_recipe(recipe, _overrides(set_), output_dir,
-                                             console=Console(stderr=True, quiet=as_json))
+                                             console=Console(stderr=True, quiet=as_json), streaming=stream,
+                                             workers=workers)
     except DomaintuneError as exc:
         fail(exc)
     if as_json:

@@ -1,15 +1,20 @@
 """Deduplication for data too large for :class:`~domaintune.data.dedup.NearDuplicateIndex`: the
-same keep-first decisions from a few numbers per row.
+same keep-first decisions from a few numbers per row, made one block of rows at a time.
 
-Per row: an 8-byte exact key (:func:`exact_hash`) and a flag in memory, and one 8-byte hash per
-LSH band of the row's MinHash signature (the permutations and banding of the in-memory index) in
-one file per band on disk. Candidate pairs are rows that share a band hash, found one band at a
-time by sorting that band's column; only the first row of each exact key takes part, since its
-repeats are settled by the key. Each candidate is confirmed on the exact Jaccard of the two
-texts, read back through ``text_of``. Rows are then decided in order as ``deduplicate`` does:
-within train the first occurrence stays; an eval row duplicating a kept training row is a leak,
-one duplicating an earlier kept eval row an eval duplicate; exact before near; a near match names
-the most similar kept row (ties: the earliest).
+Per row, on disk (:class:`FingerprintStore`): an 8-byte exact key (:func:`exact_hash`), a flag
+for texts with shingles, and one 4-byte hash per LSH band of the row's MinHash signature (the
+permutations and banding of the in-memory index). :func:`find_duplicates` reads them back one
+block of rows at a time and decides each row in order, as ``deduplicate`` does: within train the
+first occurrence stays; an eval row duplicating a kept training row is a leak, one duplicating an
+earlier kept eval row an eval duplicate; exact before near; a near match names the most similar
+kept row (ties: the earliest).
+
+A row's near candidates are the kept rows in its buckets (the rows with its hash in some band):
+those of earlier blocks come from an index that holds, per band and bucket, the bucket's first
+``MAX_BUCKET_HEADS`` kept rows; those of its own block from a table filled as the block is
+decided. Each candidate is confirmed on the exact Jaccard of the two texts, read back through
+``text_of``. No list of candidate pairs is ever built, and the decisions do not depend on the
+block size.
 
 Where the results can differ from ``deduplicate``:
 
@@ -17,20 +22,22 @@ Where the results can differ from ``deduplicate``:
   standard errors below the threshold while its exact Jaccard is at or above it is found here
   and skipped there: recall is the same or higher, and a reported pair is always above the
   threshold.
-* A band bucket of more than ``MAX_BUCKET_HEADS`` rows pairs each of its rows only with the first
-  ``MAX_BUCKET_HEADS`` of them, which bounds the pairs held in memory on templated data; the rows
-  kept first are the ones later rows are matched to, so this rarely loses a pair.
+* A bucket offers a row only its first ``MAX_BUCKET_HEADS`` kept rows, which bounds memory and
+  exact checks on templated data; later rows are matched to the rows kept first, so this rarely
+  loses a pair.
 * Exact keys are 64 bits: two different texts share one with probability about n² / 2⁶⁵ (one in
-  two million at four million rows).
+  two million at four million rows). Band hashes are 32 bits: two buckets that share one only
+  cost exact checks of false candidates (and share one bucket's room).
 
-Memory: about 10 bytes a row while rows arrive, 40 a row while deciding, plus 32 bytes per
-candidate pair; the band columns are read one at a time.
+Memory while deciding: 9 bytes per row (the decisions), 12 per distinct text (the first row of
+each exact key), at most 8 per band for each kept row with shingles (the bucket index: 112 bytes
+at the default threshold's 14 bands), and some 21 bytes per row and band of one block. Rows are
+numbered in 32 bits in the indexes, which caps a store at ``MAX_ROWS`` rows.
 """
 
 from __future__ import annotations
 
 import tempfile
-from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +48,8 @@ import numpy as np
 from domaintune.data.dedup import DedupResult, exact_key, jaccard, lsh_shape, shingles, signature
 
 MAX_BUCKET_HEADS = 16
+BLOCK_ROWS = 1 << 16  # rows decided together: large enough to amortise the numpy work per block
+MAX_ROWS = 2**32 - 1
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -55,8 +64,11 @@ class Fingerprints:
     """What the index keeps of a batch of texts."""
 
     exact: np.ndarray  # (n,) uint64 exact keys
-    bands: np.ndarray  # (n, bands) uint64 band hashes; zeros for texts without shingles
+    bands: np.ndarray  # (n, bands) uint32 band hashes; zeros for texts without shingles
     shingled: np.ndarray  # (n,) bool: the text has shingles (empty ones are never near duplicates)
+
+    def __len__(self) -> int:
+        return len(self.exact)
 
 
 def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
@@ -74,54 +86,59 @@ def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
 
 
 def _band_hashes(parts: np.ndarray) -> np.ndarray:
-    # FNV-1a over the band's 32-bit MinHash values, then a 64-bit finalizer: equal bands give
-    # equal hashes; a collision only costs an exact check of a false candidate.
+    # FNV-1a over the band's 32-bit MinHash values, then a 64-bit finalizer whose high half is
+    # kept: equal bands give equal hashes; a collision only costs an exact check.
     h = np.full(parts.shape[:2], _FNV_OFFSET)
     for column in range(parts.shape[2]):
         h = (h ^ parts[:, :, column]) * _FNV_PRIME
     h ^= h >> np.uint64(31)
     h *= np.uint64(0xBF58476D1CE4E5B9)
-    return h ^ (h >> np.uint64(29))
+    h ^= h >> np.uint64(29)
+    return (h >> np.uint64(32)).astype(np.uint32)
 
 
 class FingerprintStore:
-    """The fingerprints of every row so far, in row order: exact keys and flags in memory, band
-    hashes appended to one file per band under ``directory``."""
+    """The fingerprints of every row so far, in row order, appended to three files under
+    ``directory`` (exact keys, shingle flags, band hashes) and read back by blocks of rows."""
+
+    _DTYPES = {"exact": np.dtype(np.uint64), "shingled": np.dtype(np.bool_), "bands": np.dtype(np.uint32)}
 
     def __init__(self, directory: Path, threshold: float):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threshold = threshold
         self.bands, _ = lsh_shape(threshold)
-        self._exact = array("Q")
-        self._shingled = array("b")
-        self._files = [open(self._band_path(k), "wb") for k in range(self.bands)]
+        self._rows = 0
+        self._files = {name: open(self._path(name), "wb") for name in self._DTYPES}
 
-    def _band_path(self, band: int) -> Path:
-        return self.directory / f"band-{band:03d}.u64"
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.bin"
 
     def __len__(self) -> int:
-        return len(self._exact)
+        return self._rows
 
     def append(self, prints: Fingerprints) -> None:
-        self._exact.frombytes(prints.exact.astype(np.uint64).tobytes())
-        self._shingled.frombytes(prints.shingled.astype(np.int8).tobytes())
-        for band, fh in enumerate(self._files):
-            fh.write(np.ascontiguousarray(prints.bands[:, band]).tobytes())
+        if self._rows + len(prints) > MAX_ROWS:
+            raise ValueError(f"a fingerprint store holds at most {MAX_ROWS} rows")
+        for name, dtype in self._DTYPES.items():
+            self._files[name].write(np.ascontiguousarray(getattr(prints, name), dtype=dtype).tobytes())
+        self._rows += len(prints)
 
     def close(self) -> None:
-        """Flush the band files; call before reading bands."""
-        for fh in self._files:
+        """Flush the files; call before reading blocks."""
+        for fh in self._files.values():
             fh.close()
 
-    def exact(self) -> np.ndarray:
-        return np.frombuffer(self._exact, dtype=np.uint64) if len(self) else np.zeros(0, np.uint64)
+    def block(self, start: int, stop: int) -> Fingerprints:
+        """The fingerprints of rows ``start .. stop-1``."""
+        count = stop - start
 
-    def shingled(self) -> np.ndarray:
-        return np.frombuffer(self._shingled, dtype=np.int8).astype(bool) if len(self) else np.zeros(0, bool)
+        def read(name: str, width: int) -> np.ndarray:
+            dtype = self._DTYPES[name]
+            return np.fromfile(self._path(name), dtype=dtype, count=count * width,
+                               offset=start * width * dtype.itemsize)
 
-    def band(self, band: int) -> np.ndarray:
-        return np.fromfile(self._band_path(band), dtype=np.uint64)
+        return Fingerprints(read("exact", 1), read("bands", self.bands).reshape(count, self.bands), read("shingled", 1))
 
 
 @dataclass
@@ -137,118 +154,180 @@ class Decisions:
 
 
 def find_duplicates(store: FingerprintStore, n_train: int, text_of: Callable[[int], str], *, exact: bool = True,
-                    near: bool = True, on_band: Callable[[int], None] | None = None) -> Decisions:
+                    near: bool = True, block_rows: int = BLOCK_ROWS,
+                    on_rows: Callable[[int], None] | None = None) -> Decisions:
     """Decide every row of ``store``: rows ``0 .. n_train-1`` are training rows, the rest eval
-    rows. ``text_of(i)`` gives row ``i``'s text (to confirm near candidates); ``on_band(k)`` is
-    told when band ``k`` has been searched."""
+    rows. ``text_of(i)`` gives row ``i``'s text (to confirm near candidates). Rows are read and
+    decided ``block_rows`` at a time, ``on_rows(k)`` told after each block of ``k`` rows; the
+    decisions are the same for any block size."""
     n = len(store)
-    decisions = Decisions(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool))
-    if n == 0 or not (exact or near):
-        return decisions
-    first = _first_of_key(store.exact())
-    shingled = store.shingled()
-    pairs = _candidate_pairs(store, np.flatnonzero((first == np.arange(n)) & shingled), on_band) if near \
-        else np.zeros(0, np.int64)
-    later, earlier = pairs // n, pairs % n
-    del pairs
-    by_earlier = np.argsort(earlier, kind="stable")
-    earlier_sorted = earlier[by_earlier]
-    own = lru_cache(maxsize=1 << 12)(lambda row: shingles(text_of(row)))
-    kept = np.ones(n, dtype=bool)
-    dup, is_near = decisions.duplicate_of, decisions.near
-
-    def partners(head: int, before: int) -> np.ndarray:
-        """Kept rows before ``before`` sharing a band with ``head``, ascending."""
-        lo, hi = np.searchsorted(later, [head, head + 1])
-        e_lo, e_hi = np.searchsorted(earlier_sorted, [head, head + 1])
-        found = np.union1d(earlier[lo:hi], later[by_earlier[e_lo:e_hi]])
-        found = found[found < before]
-        return found[kept[found]]
-
-    for row in np.union1d(np.flatnonzero(first != np.arange(n)), later).tolist():
-        head = int(first[row])
-        if head != row and (kept[head] or not shingled[row]):  # a repeat of a kept row, or of an empty text
-            if exact or shingled[row]:
-                dup[row], is_near[row], kept[row] = head, not exact, False
-            continue
-        # A new text, or a repeat of a dropped one: its candidates are those of the first of its key.
-        candidates = partners(head, row)
-        if row >= n_train:  # training rows first: a leak is reported as a leak
-            match = _most_similar(row, candidates[candidates < n_train], own, store.threshold)
-            if match is None:
-                match = _most_similar(row, candidates[candidates >= n_train], own, store.threshold)
-        else:
-            match = _most_similar(row, candidates, own, store.threshold)
-        if match is not None:
-            dup[row], is_near[row], kept[row] = match, True, False
-    return decisions
+    decider = _Decider(n, n_train, store.bands, store.threshold, text_of, exact=exact, near=near)
+    if exact or near:
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            decider.decide(start, store.block(start, stop))
+            if on_rows:
+                on_rows(stop - start)
+    return decider.decisions
 
 
-def _first_of_key(keys: np.ndarray) -> np.ndarray:
-    """For each row, the first row with the same key."""
-    order = np.argsort(keys, kind="stable")  # stable: equal keys stay in row order
-    starts = np.ones(len(keys), dtype=bool)
-    starts[1:] = keys[order][1:] != keys[order][:-1]
-    first = np.empty(len(keys), dtype=np.int64)
-    first[order] = order[np.flatnonzero(starts)][np.cumsum(starts) - 1]
-    return first
+class _FirstRows:
+    """The first row of every exact key seen so far, as sorted keys and their rows."""
+
+    def __init__(self) -> None:
+        self._keys = np.zeros(0, np.uint64)
+        self._rows = np.zeros(0, np.uint32)
+
+    def first(self, keys: np.ndarray, start: int) -> np.ndarray:
+        """For the rows ``start, start + 1, ...`` with ``keys``: the first row with the same key.
+        Remembers the keys not seen before."""
+        distinct, index, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        first = start + index.astype(np.int64)
+        at = np.searchsorted(self._keys, distinct)
+        seen = at < len(self._keys)
+        seen[seen] = self._keys[at[seen]] == distinct[seen]
+        first[seen] = self._rows[at[seen]]
+        new = ~seen
+        self._keys = np.insert(self._keys, at[new], distinct[new])
+        self._rows = np.insert(self._rows, at[new], first[new].astype(np.uint32))
+        return first[inverse.reshape(-1)]
 
 
-def _candidate_pairs(store: FingerprintStore, rows: np.ndarray, on_band: Callable[[int], None] | None) -> np.ndarray:
-    """Sorted distinct ``later * n + earlier`` codes of rows sharing a band hash."""
-    n = len(store)
-    pairs = np.zeros(0, dtype=np.int64)
-    for band in range(store.bands):
-        values = store.band(band)[rows]
-        order = np.argsort(values, kind="stable")
-        found = _pairs_in_runs(values[order], rows[order])
-        pairs = np.union1d(pairs, found[0] * n + found[1])
-        if on_band:
-            on_band(band)
-    return pairs
+class _Buckets:
+    """Per band, the first ``MAX_BUCKET_HEADS`` kept rows of each bucket, as band hashes sorted
+    with their rows in row order."""
+
+    def __init__(self, bands: int):
+        self._hashes = [np.zeros(0, np.uint32) for _ in range(bands)]
+        self._rows = [np.zeros(0, np.uint32) for _ in range(bands)]
+
+    def spans(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row and band of ``hashes`` (rows × bands): where its bucket's rows lie in
+        that band, ``lo`` to ``hi``."""
+        lo, hi = np.empty(hashes.shape, np.int64), np.empty(hashes.shape, np.int64)
+        for band, known in enumerate(self._hashes):
+            lo[:, band] = np.searchsorted(known, hashes[:, band], "left")
+            hi[:, band] = np.searchsorted(known, hashes[:, band], "right")
+        return lo, hi
+
+    def rows(self, band: int, lo: int, hi: int) -> list[int]:
+        return self._rows[band][lo:hi].tolist()
+
+    def add(self, rows: np.ndarray, hashes: np.ndarray) -> None:
+        """File kept ``rows`` (ascending, after every row filed so far) in the buckets of their
+        ``hashes`` that have room."""
+        for band, known in enumerate(self._hashes):
+            order = np.argsort(hashes[:, band], kind="stable")
+            values = hashes[order, band]
+            room = MAX_BUCKET_HEADS - (np.searchsorted(known, values, "right") - np.searchsorted(known, values, "left"))
+            take = _rank_in_runs(values) < room
+            at = np.searchsorted(known, values[take], "right")
+            self._hashes[band] = np.insert(known, at, values[take])
+            self._rows[band] = np.insert(self._rows[band], at, rows[order][take].astype(np.uint32))
 
 
-def _pairs_in_runs(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(later, earlier) rows within each run of equal sorted ``values``; rows ascend in a run."""
-    if len(values) < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-    lengths = np.diff(np.r_[starts, len(values)])
-    position = np.arange(len(values)) - np.repeat(starts, lengths)  # place within the run
-    room = np.repeat(lengths, lengths) - position - 1  # rows after it in the run
-    active = np.flatnonzero((position < MAX_BUCKET_HEADS) & (room > 0))
-    later, earlier = [], []
-    # Offset by offset: a head p of a run pairs with p + d; heads with no row d places on drop out.
-    d = 1
-    while active.size:
-        later.append(rows[active + d])
-        earlier.append(rows[active])
-        d += 1
-        active = active[room[active] >= d]
-    if not later:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(later).astype(np.int64), np.concatenate(earlier).astype(np.int64)
+def _rank_in_runs(values: np.ndarray) -> np.ndarray:
+    """Each element's place within its run of equal sorted ``values``."""
+    place = np.arange(len(values))
+    if not len(values):
+        return place
+    starts = np.r_[True, values[1:] != values[:-1]]
+    return place - np.maximum.accumulate(np.where(starts, place, 0))
 
 
-def _most_similar(row: int, candidates: np.ndarray, own: Callable[[int], np.ndarray], threshold: float) -> int | None:
-    best, best_similarity = None, -1.0
-    mine = own(row)
-    for candidate in candidates.tolist():  # ascending: the earliest wins a tie
-        similarity = jaccard(mine, own(candidate))
-        if similarity >= threshold and similarity > best_similarity:
-            best, best_similarity = candidate, similarity
-    return best
+def _shared(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(rows × bands) whether the row is among ``rows`` and shares that band's hash with another
+    of them."""
+    shared = np.zeros(hashes.shape, dtype=bool)
+    for band in range(hashes.shape[1]):
+        order = np.argsort(hashes[rows, band], kind="stable")
+        values = hashes[rows[order], band]
+        equal = values[1:] == values[:-1]
+        hit = np.zeros(len(values), dtype=bool)
+        hit[1:] |= equal
+        hit[:-1] |= equal
+        shared[rows[order], band] = hit
+    return shared
+
+
+class _Decider:
+    """What deciding a block needs of the blocks before it, and the decisions so far."""
+
+    def __init__(self, n: int, n_train: int, bands: int, threshold: float, text_of: Callable[[int], str], *,
+                 exact: bool, near: bool):
+        self.decisions = Decisions(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool))
+        self.n_train, self.threshold, self.exact = n_train, threshold, exact
+        self._first_rows = _FirstRows()
+        self._buckets = _Buckets(bands) if near else None
+        # Bucket heads are the candidates of many rows: keep their shingles (some 16k texts, ~10 MB).
+        self._own = lru_cache(maxsize=1 << 14)(lambda row: shingles(text_of(row)))
+
+    def decide(self, start: int, prints: Fingerprints) -> None:
+        """Decide rows ``start .. start + len(prints) - 1``, every row before them decided."""
+        dup, is_near = self.decisions.duplicate_of, self.decisions.near
+        first = self._first_rows.first(prints.exact, start)
+        rows = np.arange(start, start + len(prints))
+        repeat = first != rows
+        if self._buckets is None:  # exact only: every repeat duplicates the (kept) first of its key
+            dup[rows[repeat]] = first[repeat]
+            return
+        lo, hi = self._buckets.spans(prints.bands)
+        # Repeats take part: a repeat of a row dropped in an earlier block searches its buckets.
+        shared = _shared(prints.bands, np.flatnonzero(prints.shingled))
+        # Rows with no earlier kept row in any bucket and no exact repeat are kept without a look.
+        busy = repeat | shared.any(axis=1) | ((hi > lo).any(axis=1) & prints.shingled)
+        recent: list[dict[int, list[int]]] = [{} for _ in range(prints.bands.shape[1])]  # this block's kept rows
+        for i in np.flatnonzero(busy).tolist():
+            row, head = start + i, int(first[i])
+            if head != row and (dup[head] < 0 or not prints.shingled[i]):  # a repeat of a kept row or of an empty text
+                if self.exact or prints.shingled[i]:
+                    dup[row], is_near[row] = head, not self.exact
+                continue
+            # A new text, or a repeat of a dropped one (whose buckets it shares).
+            hashes, lo_i, hi_i = prints.bands[i].tolist(), lo[i].tolist(), hi[i].tolist()
+            candidates: set[int] = set()
+            for band, value in enumerate(hashes):
+                candidates.update(self._buckets.rows(band, lo_i[band], hi_i[band]))
+                candidates.update(recent[band].get(value, ()))
+            match = self._match(row, sorted(candidates))
+            if match is not None:
+                dup[row], is_near[row] = match, True
+                continue
+            for band in np.flatnonzero(shared[i]).tolist():
+                bucket = recent[band].setdefault(hashes[band], [])
+                if hi_i[band] - lo_i[band] + len(bucket) < MAX_BUCKET_HEADS:
+                    bucket.append(row)
+        kept = (dup[start : start + len(prints)] < 0) & prints.shingled
+        self._buckets.add(rows[kept], prints.bands[kept])
+
+    def _match(self, row: int, candidates: list[int]) -> int | None:
+        if row < self.n_train:
+            return self._most_similar(row, candidates)
+        # Training rows first: a leak is reported as a leak.
+        match = self._most_similar(row, [c for c in candidates if c < self.n_train])
+        return match if match is not None else self._most_similar(row, [c for c in candidates if c >= self.n_train])
+
+    def _most_similar(self, row: int, candidates: list[int]) -> int | None:
+        best, best_similarity = None, -1.0
+        mine = self._own(row)
+        for candidate in candidates:  # ascending: the earliest wins a tie
+            similarity = jaccard(mine, self._own(candidate))
+            if similarity >= self.threshold and similarity > best_similarity:
+                best, best_similarity = candidate, similarity
+        return best
 
 
 def deduplicate_compact(train: Sequence[str], eval: Sequence[str] = (), *, exact: bool = True, near: bool = True,
-                        threshold: float = 0.85) -> DedupResult:
-    """``deduplicate`` computed with the compact index (band files in a temporary directory)."""
+                        threshold: float = 0.85, block_rows: int = BLOCK_ROWS) -> DedupResult:
+    """``deduplicate`` computed with the compact index (fingerprint files in a temporary
+    directory), ``block_rows`` rows at a time."""
     texts = [*train, *eval]
     with tempfile.TemporaryDirectory(prefix="dedup-") as directory:
         store = FingerprintStore(Path(directory), threshold)
         store.append(fingerprint(texts, threshold))
         store.close()
-        decisions = find_duplicates(store, len(train), texts.__getitem__, exact=exact, near=near)
+        decisions = find_duplicates(store, len(train), texts.__getitem__, exact=exact, near=near,
+                                    block_rows=block_rows)
     result = DedupResult([True] * len(train), {}, [True] * len(eval), {}, {})
     for row in np.flatnonzero(~decisions.kept).tolist():
         match = (int(decisions.duplicate_of[row]), "near" if decisions.near[row] else "exact")

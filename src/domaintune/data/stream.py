@@ -2,18 +2,21 @@
 
 1. Stream the rows through validate → clean → redact PII in worker processes (chunks of rows,
    results in file order), spooling each kept example as a JSON line and keeping only numbers
-   per row in memory: its offset in the spool, exact key, label, split value and lengths; the
+   per row in memory: its offset in the spool, label, split value and lengths; the exact keys and
    MinHash band hashes go to files (``data.dedup_index``).
-2. Decide duplicates and leaks from those arrays, reading back only the texts of candidate pairs.
+2. Decide duplicates and leaks one block of rows at a time, reading back only the texts of
+   candidates.
 3. Split (``data.array_split``), check eval labels, and copy the spooled lines to
    ``data/train.jsonl`` and ``data/eval.jsonl``, the dropped ones with their reasons to
    ``data/quarantine.jsonl`` when asked, and write the card.
 
-Memory grows by some 60 bytes per row (plus 32 per near-duplicate candidate pair), not with the
-text. The per-row steps are ``data.steps.RowSteps``, the ones ``prepare`` runs; see
-``data.prepare`` for where the results can differ from it. Rows dropped by one of the first two
-steps are kept in no list: the card counts them, and ``data/quarantine.jsonl`` holds them when
-``on_bad_rows: quarantine``.
+Memory grows by some 30 bytes per row while reading (plus 8 with a group or time split), and
+while deciding duplicates by 9 bytes per row, 12 per distinct text and at most 8 per LSH band
+for each row kept (``data.dedup_index``), not with the text and not with the number of
+near-duplicate candidates. The per-row steps are ``data.steps.RowSteps``, the ones ``prepare``
+runs; see ``data.prepare`` for where the results can differ from it. Rows dropped by one of the
+first two steps are kept in no list: the card counts them, and ``data/quarantine.jsonl`` holds
+them when ``on_bad_rows: quarantine``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from rich.text import Text
 from domaintune.catalog import sha256_file
 from domaintune.data.array_split import group_mask, holdout_mask, time_mask
 from domaintune.data.card import DroppedTally, SideSummary, card_from_tallies, write_card
-from domaintune.data.dedup_index import FingerprintStore, Fingerprints, find_duplicates, fingerprint
+from domaintune.data.dedup_index import Decisions, FingerprintStore, Fingerprints, find_duplicates, fingerprint
 from domaintune.data.readers import Row, iter_rows
 from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, from_fields, key_text, make_redactor, \
     raise_bad_rows, split_field, texts
@@ -164,10 +167,10 @@ class _Spool:
         self.label_ids = array("i")
         self.label_names: dict[str, int] = {}
         self.split_values = array("d")
-        self.chars = array("q")
-        self.words = array("q")
+        self.chars = array("i")  # 32 bits: a row's length, not a file's
+        self.words = array("i")
         dedup = spec.data.dedup
-        self.prints = FingerprintStore(directory / "bands", dedup.threshold) if dedup.exact or dedup.near else None
+        self.prints = FingerprintStore(directory / "fingerprints", dedup.threshold) if dedup.exact or dedup.near else None
         self.rows_in: dict[str, int] = {}
         self.kept_in: dict[str, int] = {}  # examples spooled per role
         self.dropped = DroppedTally()
@@ -289,21 +292,21 @@ def _count_rows(path: Path) -> int | None:
     return lines - (suffix in (".csv", ".tsv"))
 
 
-def _deduplicate(spool: _Spool, progress: Progress):
+def _deduplicate(spool: _Spool, progress: Progress) -> Decisions | None:
     if spool.prints is None:
         return None
     dedup = spool.spec.data.dedup
-    task = progress.add_task("duplicates: bands", total=spool.prints.bands)
-    decisions = find_duplicates(spool.prints, spool.kept_in["train"], lambda row: key_text(spool.example(row)),
-                                exact=dedup.exact, near=dedup.near, on_band=lambda _: progress.advance(task))
-    return decisions
+    task = progress.add_task("duplicates", total=len(spool.prints))
+    return find_duplicates(spool.prints, spool.kept_in["train"], lambda row: key_text(spool.example(row)),
+                           exact=dedup.exact, near=dedup.near, on_rows=lambda rows: progress.advance(task, rows))
 
 
 def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path) -> tuple[dict[str, Any], list[Path]]:
     spec, d = spool.spec, spool.spec.data
     n, n_train = len(spool.offsets), spool.kept_in["train"]
     kept = decisions.kept if decisions is not None else np.ones(n, dtype=bool)
-    is_eval = np.arange(n) >= n_train
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[n_train:] = True
     labels = np.frombuffer(spool.label_ids, dtype=np.int32) if n else np.zeros(0, np.int32)
     split_note = "eval file"
     if "eval" not in sources:
@@ -359,7 +362,7 @@ def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: P
         shutil.move(spool.quarantine, files[-1])
 
     names = {i: name for name, i in spool.label_names.items()}
-    chars, words = np.frombuffer(spool.chars, dtype=np.int64), np.frombuffer(spool.words, dtype=np.int64)
+    chars, words = np.frombuffer(spool.chars, dtype=np.int32), np.frombuffer(spool.words, dtype=np.int32)
 
     def summary(mask: np.ndarray) -> SideSummary:
         counts = np.bincount(labels[mask], minlength=len(names)) if spec.task == "classification" else []
