@@ -169,6 +169,20 @@ def pretrain_recipe(tmp_path, tiny_llama) -> Path:
     })
 
 
+def colours_in_production(root: Path, tiny_llama: Path, epochs: int) -> tuple[Path, Path]:
+    """The colour questions' sft model ("tiny-colours") trained for ``epochs`` and put in
+    production under ``root`` (see ``in_production``)."""
+    write_jsonl(root / "data" / "colours.jsonl", colour_rows())
+    recipe = write_recipe(root / "recipe.yaml", {
+        "name": "tiny-colours", "task": "sft", "base_model": str(tiny_llama), "method": "lora",
+        # the toy set repeats its six questions on purpose: no deduplication here
+        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"exact": False, "near": False}},
+        "training": {"epochs": epochs, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
+        "evaluate": {"max_new_tokens": 4},
+    })
+    return in_production(recipe, "tiny-colours", root)
+
+
 def in_production(recipe: Path, name: str, root: Path) -> tuple[Path, Path]:
     """Run ``recipe`` into a registry file of its own under ``root`` and promote version 1 to
     production; returns (the run directory, the registry file). Tests copy the file to start from it."""

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import COLOURS, colour_rows, in_production, write_jsonl, write_recipe
+from conftest import COLOURS, colours_in_production
 from rich.console import Console
 
 from domaintune.registry.store import Registry
@@ -103,15 +103,8 @@ def test_a_bad_rating_with_a_correction_is_a_pair_only_with_preference_on():
 
 @pytest.fixture(scope="module")
 def production(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("v1")
-    write_jsonl(root / "data" / "colours.jsonl", colour_rows())
-    recipe = write_recipe(root / "recipe.yaml", {
-        "name": NAME, "task": "sft", "base_model": str(tiny_llama), "method": "lora",
-        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"exact": False, "near": False}},
-        "training": {"epochs": 2, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
-        "evaluate": {"max_new_tokens": 4},
-    })
-    return in_production(recipe, NAME, root)
+    """Version 1 in production, trained on the colour questions; returns (its run dir, a registry file)."""
+    return colours_in_production(tmp_path_factory.mktemp("v1"), tiny_llama, epochs=2)
 
 
 def test_an_update_with_preference_trains_on_the_pairs_and_records_them(production, tmp_path):

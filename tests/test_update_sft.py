@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import in_production, colour_rows, write_jsonl, write_recipe
+from conftest import colour_rows, colours_in_production, write_jsonl
 
 from domaintune.evaluate.gates import check_gate
 from domaintune.registry.store import Registry
@@ -23,16 +23,7 @@ NEW_QUESTION = {"prompt": "what is the colour of parcel ?", "completion": "black
 @pytest.fixture(scope="module")
 def production(tmp_path_factory, tiny_llama):
     """Version 1 in production, trained on the colour questions; returns (its run dir, a registry file)."""
-    root = tmp_path_factory.mktemp("v1")
-    write_jsonl(root / "data" / "colours.jsonl", colour_rows())
-    recipe = write_recipe(root / "recipe.yaml", {
-        "name": NAME, "task": "sft", "base_model": str(tiny_llama), "method": "lora",
-        # the toy set repeats its six questions on purpose: no deduplication here
-        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"exact": False, "near": False}},
-        "training": {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
-        "evaluate": {"max_new_tokens": 4},
-    })
-    return in_production(recipe, NAME, root)
+    return colours_in_production(tmp_path_factory.mktemp("v1"), tiny_llama, epochs=6)
 
 
 @pytest.fixture()
