@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine without internet: the wheels it lacks travel in .whl (see bench/README.md).
+# One call on a GPU machine without internet: the wheels it lacks travel in .whl, downloaded beforehand
+# on a machine with the package index (the versions measured in bench/README.md):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 \
+#     annotated-types typing-inspection
 # Runs the GPU tests, then bench/gpu_train.py; logs and the JSON go to ${OUT:-.}.
 set -u
 OUT=${OUT:-.}
