@@ -128,3 +128,44 @@ def test_the_store_reads_back_any_block_of_what_was_appended(tmp_path):
     assert block.exact.tolist() == [exact_hash(t) for t in texts[9:]]
     assert np.array_equal(block.bands, whole.bands[9:]) and block.bands.shape == (23, store.bands)
     assert block.shingled.tolist() == [True] * 21 + [False, False]
+
+
+def _lengthened(texts: list[str], seed: int) -> list[str]:
+    """``texts`` with copies grown by one to six words mixed in: pairs on either side of the size bound."""
+    rng = np.random.default_rng(seed)
+    mixed = list(texts)
+    for i in rng.choice(len(texts), size=len(texts) // 3, replace=False).tolist():
+        mixed.insert(int(rng.integers(i, len(mixed) + 1)), texts[i] + " extra" * int(rng.integers(1, 7)))
+    return mixed
+
+
+def test_shingle_counts_rule_out_a_pair_before_any_text_is_read_and_change_no_decision(tmp_path, monkeypatch):
+    longer = TICKET + " The box was dented on one corner too, and the packing slip was missing."
+    assert jaccard(shingles(TICKET), shingles(longer)) < 0.85  # the pair fails the exact check anyway
+    prints = fingerprint([TICKET, longer], 0.85)
+    assert min(prints.sizes) / max(prints.sizes) < 0.85  # ... and the size bound already says so
+    read: list[int] = []
+
+    def text_of(row: int) -> str:
+        read.append(row)
+        return [TICKET, longer][row]
+
+    def decide(sizes) -> list[int]:
+        store = FingerprintStore(tmp_path / f"prints-{sizes is None}", 0.85)  # one bucket: always candidates
+        store.append(Fingerprints(prints.exact, np.full_like(prints.bands, 7), prints.shingled, sizes))
+        store.close()
+        return find_duplicates(store, 2, text_of).duplicate_of.tolist()
+
+    assert decide(prints.sizes) == [-1, -1] and read == []
+    assert decide(None) == [-1, -1] and sorted(read) == [0, 1]  # without counts both texts are read
+
+    texts = _lengthened(random_corpus(seed=25, size=400), seed=25)
+    train, evaluation = texts[:400], texts[350:]
+    rejected = []
+    bound = dedup_index._may_reach
+    monkeypatch.setattr(dedup_index, "_may_reach", lambda *args: rejected.append(not bound(*args)) or bound(*args))
+    with_bound = deduplicate_compact(train, evaluation, block_rows=50)
+    assert any(rejected)
+    monkeypatch.setattr(dedup_index, "_may_reach", lambda *args: True)
+    assert deduplicate_compact(train, evaluation, block_rows=50) == with_bound
+    assert with_bound.train_duplicate_of and with_bound.eval_leaks

@@ -121,7 +121,7 @@ def lsh_shape(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 
 def signature(text: str, num_perm: int = NUM_PERM, seed: int = SEED) -> np.ndarray | None:
     """The MinHash signature (``num_perm`` values) of ``text``'s shingles; None when it has none."""
-    found, minhash = _fingerprint(text, num_perm, seed)
+    found, minhash = shingles_and_minhash(text, num_perm, seed)
     return minhash.hashvalues if found.size else None
 
 
@@ -132,7 +132,8 @@ def _empty_minhash(num_perm: int, seed: int) -> MinHash:
 
 
 @lru_cache(maxsize=4)
-def _fingerprint(text: str, num_perm: int, seed: int) -> tuple[np.ndarray, MinHash]:
+def shingles_and_minhash(text: str, num_perm: int = NUM_PERM, seed: int = SEED) -> tuple[np.ndarray, MinHash]:
+    """``text``'s shingles and their MinHash, from one pass over the text."""
     # Cached because callers query a text and then add it, or query two indexes with it.
     found = shingles(text)
     minhash = _empty_minhash(num_perm, seed).copy()
@@ -174,7 +175,7 @@ class NearDuplicateIndex:
     def query(self, text: str) -> list[Hashable]:
         """Keys of added texts with Jaccard similarity to ``text`` >= threshold, most similar
         first (ties: earliest added first)."""
-        found, minhash = _fingerprint(text, self.num_perm, self.seed)
+        found, minhash = shingles_and_minhash(text, self.num_perm, self.seed)
         if not found.size:
             return []
         scored = []
@@ -192,7 +193,7 @@ class NearDuplicateIndex:
         """Index ``text`` under ``key``; a key can be added once."""
         if key in self._entries:
             raise ValueError(f"key {key!r} is already in the index")
-        found, minhash = _fingerprint(text, self.num_perm, self.seed)
+        found, minhash = shingles_and_minhash(text, self.num_perm, self.seed)
         self._entries[key] = _Indexed(len(self._entries), text, minhash.hashvalues)
         if found.size:
             self._lsh.insert(key, minhash, check_duplication=False)

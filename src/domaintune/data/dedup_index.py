@@ -2,19 +2,19 @@
 same keep-first decisions from a few numbers per row, made one block of rows at a time.
 
 Per row, on disk (:class:`FingerprintStore`): an 8-byte exact key (:func:`exact_hash`), a flag
-for texts with shingles, and one 4-byte hash per LSH band of the row's MinHash signature (the
-permutations and banding of the in-memory index). :func:`find_duplicates` reads them back one
-block of rows at a time and decides each row in order, as ``deduplicate`` does: within train the
-first occurrence stays; an eval row duplicating a kept training row is a leak, one duplicating an
-earlier kept eval row an eval duplicate; exact before near; a near match names the most similar
-kept row (ties: the earliest).
+for texts with shingles, its number of distinct shingles (4 bytes), and one 4-byte hash per LSH
+band of the row's MinHash signature (the permutations and banding of the in-memory index).
+:func:`find_duplicates` reads them back one block of rows at a time and decides each row in
+order, as ``deduplicate`` does: within train the first occurrence stays; an eval row duplicating a
+kept training row is a leak, one duplicating an earlier kept eval row an eval duplicate; exact
+before near; a near match names the most similar kept row (ties: the earliest).
 
 A row's near candidates are the kept rows in its buckets (the rows with its hash in some band):
 those of earlier blocks come from an index that holds, per band and bucket, the bucket's first
 ``MAX_BUCKET_HEADS`` kept rows; those of its own block from a table filled as the block is
 decided. Each candidate is confirmed on the exact Jaccard of the two texts, read back through
-``text_of``. No list of candidate pairs is ever built, and the decisions do not depend on the
-block size.
+``text_of``, unless the two shingle counts alone rule the pair out (:func:`_may_reach`). No list
+of candidate pairs is ever built, and the decisions do not depend on the block size.
 
 Where the results can differ from ``deduplicate``:
 
@@ -29,10 +29,11 @@ Where the results can differ from ``deduplicate``:
   two million at four million rows). Band hashes are 32 bits: two buckets that share one only
   cost exact checks of false candidates (and share one bucket's room).
 
-Memory while deciding: 9 bytes per row (the decisions), 12 per distinct text (the first row of
-each exact key), at most 8 per band for each kept row with shingles (the bucket index: 112 bytes
-at the default threshold's 14 bands), and some 21 bytes per row and band of one block. Rows are
-numbered in 32 bits in the indexes, which caps a store at ``MAX_ROWS`` rows.
+Memory while deciding: 13 bytes per row (the decisions and shingle counts), 12 per distinct text
+(the first row of each exact key), at most 8 per band for each kept row with shingles (the
+bucket index: 112 bytes at the default threshold's 14 bands), and some 21 bytes per row and band
+of one block. Rows are numbered in 32 bits in the indexes, which caps a store at ``MAX_ROWS``
+rows.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from domaintune.data.dedup import DedupResult, exact_key, jaccard, lsh_shape, shingles, signature
+from domaintune.data.dedup import (NUM_PERM, SEED, DedupResult, exact_key, jaccard, lsh_shape, shingles,
+                                   shingles_and_minhash)
 
 MAX_BUCKET_HEADS = 16
 BLOCK_ROWS = 1 << 16  # rows decided together: large enough to amortise the numpy work per block
@@ -66,23 +68,32 @@ class Fingerprints:
     exact: np.ndarray  # (n,) uint64 exact keys
     bands: np.ndarray  # (n, bands) uint32 band hashes; zeros for texts without shingles
     shingled: np.ndarray  # (n,) bool: the text has shingles (empty ones are never near duplicates)
+    # (n,) uint32 distinct shingles per text. Left out, every text with shingles counts one, which
+    # lets every candidate through to the exact check.
+    sizes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.sizes is None:
+            self.sizes = self.shingled.astype(np.uint32)
 
     def __len__(self) -> int:
         return len(self.exact)
 
 
 def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
-    """Exact keys and LSH band hashes of ``texts`` for a near-duplicate ``threshold``."""
+    """Exact keys, LSH band hashes and shingle counts of ``texts`` for a near-duplicate ``threshold``."""
     bands, rows = lsh_shape(threshold)
-    signatures = [signature(text) for text in texts]
-    shingled = np.array([s is not None for s in signatures], dtype=bool)
+    sizes = np.zeros(len(texts), dtype=np.uint32)
     matrix = np.zeros((len(texts), bands * rows), dtype=np.uint64)
-    for i, values in enumerate(signatures):
-        if values is not None:
-            matrix[i] = values[: bands * rows]
+    for i, text in enumerate(texts):
+        # What ``signature`` is made of, shingle set included: the text is shingled once for both.
+        found, minhash = shingles_and_minhash(text, NUM_PERM, SEED)
+        sizes[i] = found.size
+        matrix[i] = minhash.hashvalues[: bands * rows]
+    shingled = sizes > 0
     hashes = _band_hashes(matrix.reshape(len(texts), bands, rows))
     hashes[~shingled] = 0
-    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, shingled)
+    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, shingled, sizes)
 
 
 def _band_hashes(parts: np.ndarray) -> np.ndarray:
@@ -98,10 +109,12 @@ def _band_hashes(parts: np.ndarray) -> np.ndarray:
 
 
 class FingerprintStore:
-    """The fingerprints of every row so far, in row order, appended to three files under
-    ``directory`` (exact keys, shingle flags, band hashes) and read back by blocks of rows."""
+    """The fingerprints of every row so far, in row order, appended to four files under
+    ``directory`` (exact keys, shingle flags, shingle counts, band hashes) and read back by blocks
+    of rows."""
 
-    _DTYPES = {"exact": np.dtype(np.uint64), "shingled": np.dtype(np.bool_), "bands": np.dtype(np.uint32)}
+    _DTYPES = {"exact": np.dtype(np.uint64), "shingled": np.dtype(np.bool_), "sizes": np.dtype(np.uint32),
+               "bands": np.dtype(np.uint32)}
 
     def __init__(self, directory: Path, threshold: float):
         self.directory = Path(directory)
@@ -138,7 +151,8 @@ class FingerprintStore:
             return np.fromfile(self._path(name), dtype=dtype, count=count * width,
                                offset=start * width * dtype.itemsize)
 
-        return Fingerprints(read("exact", 1), read("bands", self.bands).reshape(count, self.bands), read("shingled", 1))
+        return Fingerprints(read("exact", 1), read("bands", self.bands).reshape(count, self.bands), read("shingled", 1),
+                            read("sizes", 1))
 
 
 @dataclass
@@ -259,6 +273,7 @@ class _Decider:
         self.n_train, self.threshold, self.exact = n_train, threshold, exact
         self._first_rows = _FirstRows()
         self._buckets = _Buckets(bands) if near else None
+        self._sizes = np.zeros(n if near else 0, dtype=np.uint32)  # every row's shingle count, as decided
         # Bucket heads are the candidates of many rows: keep their shingles (some 16k texts, ~10 MB).
         self._own = lru_cache(maxsize=1 << 14)(lambda row: shingles(text_of(row)))
 
@@ -271,6 +286,7 @@ class _Decider:
         if self._buckets is None:  # exact only: every repeat duplicates the (kept) first of its key
             dup[rows[repeat]] = first[repeat]
             return
+        self._sizes[start : start + len(prints)] = prints.sizes
         lo, hi = self._buckets.spans(prints.bands)
         # Repeats take part: a repeat of a row dropped in an earlier block searches its buckets.
         shared = _shared(prints.bands, np.flatnonzero(prints.shingled))
@@ -308,6 +324,10 @@ class _Decider:
         return match if match is not None else self._most_similar(row, [c for c in candidates if c >= self.n_train])
 
     def _most_similar(self, row: int, candidates: list[int]) -> int | None:
+        size = self._sizes[row]
+        candidates = [c for c in candidates if _may_reach(size, self._sizes[c], self.threshold)]
+        if not candidates:  # nothing to read, not even this row's text
+            return None
         best, best_similarity = None, -1.0
         mine = self._own(row)
         for candidate in candidates:  # ascending: the earliest wins a tie
@@ -315,6 +335,18 @@ class _Decider:
             if similarity >= self.threshold and similarity > best_similarity:
                 best, best_similarity = candidate, similarity
         return best
+
+
+def _may_reach(size_a: int, size_b: int, threshold: float) -> bool:
+    """Whether two shingle sets of these sizes can have a Jaccard similarity of ``threshold`` or more.
+
+    |A ∩ B| <= min(|A|, |B|) and |A ∪ B| >= max(|A|, |B|), so Jaccard(A, B) <= min / max: a pair
+    whose counts differ more than that never reaches the threshold, and skipping it changes no
+    decision. The float test agrees with :func:`jaccard`'s: both are one correctly rounded
+    division of integers, and rounding keeps their order (equal when one set holds the other).
+    """
+    small, large = sorted((int(size_a), int(size_b)))
+    return large > 0 and small / large >= threshold
 
 
 def deduplicate_compact(train: Sequence[str], eval: Sequence[str] = (), *, exact: bool = True, near: bool = True,
