@@ -147,17 +147,22 @@ def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, since: st
               preference: bool) -> FeedbackRows:
     from domaintune.serve.feedback import FeedbackStore
 
-    used = set()
+    store = FeedbackStore(feedback_db)
+    try:
+        return feedback_rows(store.records(model=name), task, used=feedback_used(line),
+                             since=parse_since(since) if since else None, preference=preference)
+    finally:
+        store.close()
+
+
+def feedback_used(line: list[Ancestor]) -> set[str]:
+    """The feedback ids the versions of ``line`` were trained on: not new to a later update."""
+    used: set[str] = set()
     for ancestor in line:
         record = ancestor.run_dir / "update.json"
         if record.is_file():
             used.update(json.loads(record.read_text(encoding="utf-8"))["data"]["feedback_ids"])
-    store = FeedbackStore(feedback_db)
-    try:
-        return feedback_rows(store.records(model=name), task, used=used, since=parse_since(since) if since else None,
-                             preference=preference)
-    finally:
-        store.close()
+    return used
 
 
 def _preference_phase(assembly: Assembly, settings: UpdateConfig, production: ModelVersion) -> PreferencePhase | None:

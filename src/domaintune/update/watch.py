@@ -50,7 +50,7 @@ from domaintune.registry.store import Registry
 from domaintune.serve.feedback import FeedbackRecord, FeedbackStore
 from domaintune.update.assemble import ancestors
 from domaintune.update.feedback_rows import feedback_rows, parse_since
-from domaintune.update.updater import UpdateResult, update
+from domaintune.update.updater import UpdateResult, feedback_used, update
 
 STATE = ".domaintune-watch.json"
 LOCK = ".domaintune-watch.lock"
@@ -195,12 +195,7 @@ class Watcher:
         """The corrections an update would train on that are newer than the cut-off, oldest first."""
         with Registry(self.registry_url) as registry:
             production = registry.get(self.name, "production")
-        # As the updater does: feedback an earlier version of the line learned is not new.
-        used = set()
-        for ancestor in ancestors(production.ref, production.run_dir):
-            record = ancestor.run_dir / "update.json"
-            if record.is_file():
-                used.update(json.loads(record.read_text(encoding="utf-8"))["data"]["feedback_ids"])
+        used = feedback_used(ancestors(production.ref, production.run_dir))  # learned earlier: not new
         records = self._feedback_records()
         after = state["feedback_after"]
         if after is not None:
