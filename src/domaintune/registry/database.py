@@ -6,6 +6,8 @@ transaction-scoped advisory lock)."""
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +104,21 @@ def _engine(url: str) -> Engine:
                             hint="pip install 'domaintune[postgres]' (psycopg) for a PostgreSQL registry") from exc
 
 
+def _set_wal(cursor) -> None:
+    """WAL journal, so that readers do not wait for the writer. Switching a new database to WAL
+    takes an exclusive lock, and SQLite answers "database is locked" at once, without its busy
+    timeout, when another process holds one (processes creating one registry together): retry."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_transactions(engine: Engine) -> None:
     """Let SQLAlchemy, not Python's sqlite3 module, say when a transaction begins, so that writers
     can take the write lock up front (BEGIN IMMEDIATE) and wait for it instead of failing later."""
@@ -110,7 +127,7 @@ def _sqlite_transactions(engine: Engine) -> None:
     def _connect(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
+        _set_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
