@@ -87,7 +87,7 @@ def _store_of(tmp_path, texts: list[str], same_bucket: bool) -> FingerprintStore
     store = FingerprintStore(tmp_path / "prints", 0.85)
     prints = fingerprint(texts, 0.85)
     if same_bucket:  # every row in one bucket of every band, whatever its text
-        prints = Fingerprints(prints.exact, np.full_like(prints.bands, 7), prints.shingled)
+        prints = Fingerprints(prints.exact, np.full_like(prints.bands, 7), prints.sizes, prints.sets)
     store.append(prints)
     store.close()
     return store
@@ -100,18 +100,18 @@ def test_a_full_bucket_offers_its_first_kept_rows_and_dropped_rows_take_no_room(
     store = _store_of(tmp_path, texts, same_bucket=True)
     # Kept before the last row: 0, 2, 3, 4 (1 is dropped as near 0); the last is near 4 only.
     monkeypatch.setattr(dedup_index, "MAX_BUCKET_HEADS", 4)
-    decisions = find_duplicates(store, len(texts), texts.__getitem__, block_rows=block_rows)
+    decisions = find_duplicates(store, len(texts), block_rows=block_rows)
     assert decisions.duplicate_of.tolist() == [-1, 0, -1, -1, -1, 4]
     assert decisions.near.tolist() == [False, True, False, False, False, True]
     monkeypatch.setattr(dedup_index, "MAX_BUCKET_HEADS", 3)
-    decisions = find_duplicates(store, len(texts), texts.__getitem__, block_rows=block_rows)
+    decisions = find_duplicates(store, len(texts), block_rows=block_rows)
     assert decisions.duplicate_of.tolist() == [-1, 0, -1, -1, -1, -1]
 
 
 def test_progress_is_told_every_row_once_per_block(tmp_path):
     texts = random_corpus(seed=23, size=25)
     told: list[int] = []
-    find_duplicates(_store_of(tmp_path, texts, same_bucket=False), 25, texts.__getitem__, block_rows=10,
+    find_duplicates(_store_of(tmp_path, texts, same_bucket=False), 25, block_rows=10,
                     on_rows=told.append)
     assert told == [10, 10, 5]
 
@@ -128,6 +128,9 @@ def test_the_store_reads_back_any_block_of_what_was_appended(tmp_path):
     assert block.exact.tolist() == [exact_hash(t) for t in texts[9:]]
     assert np.array_equal(block.bands, whole.bands[9:]) and block.bands.shape == (23, store.bands)
     assert block.shingled.tolist() == [True] * 21 + [False, False]
+    assert all(np.array_equal(store.shingles_of(i), shingles(t)) for i, t in enumerate(texts))
+    assert store.sizes_of(np.arange(len(texts))).tolist() == [len(shingles(t)) for t in texts]
+    store.release()
 
 
 def _lengthened(texts: list[str], seed: int) -> list[str]:
@@ -139,33 +142,35 @@ def _lengthened(texts: list[str], seed: int) -> list[str]:
     return mixed
 
 
-def test_shingle_counts_rule_out_a_pair_before_any_text_is_read_and_change_no_decision(tmp_path, monkeypatch):
+def test_shingle_counts_rule_out_a_pair_before_any_set_is_read_and_change_no_decision(tmp_path, monkeypatch):
     longer = TICKET + " The box was dented on one corner too, and the packing slip was missing."
     assert jaccard(shingles(TICKET), shingles(longer)) < 0.85  # the pair fails the exact check anyway
     prints = fingerprint([TICKET, longer], 0.85)
     assert min(prints.sizes) / max(prints.sizes) < 0.85  # ... and the size bound already says so
-    read: list[int] = []
 
-    def text_of(row: int) -> str:
-        read.append(row)
-        return [TICKET, longer][row]
-
-    def decide(sizes) -> list[int]:
-        store = FingerprintStore(tmp_path / f"prints-{sizes is None}", 0.85)  # one bucket: always candidates
-        store.append(Fingerprints(prints.exact, np.full_like(prints.bands, 7), prints.shingled, sizes))
+    def reads(bound) -> list[int]:
+        monkeypatch.setattr(dedup_index, "_may_reach", bound)
+        store = FingerprintStore(tmp_path / f"prints-{len(read)}", 0.85)  # one bucket: always candidates
+        store.append(Fingerprints(prints.exact, np.full_like(prints.bands, 7), prints.sizes, prints.sets))
         store.close()
-        return find_duplicates(store, 2, text_of).duplicate_of.tolist()
+        shingles_of = store.shingles_of
+        monkeypatch.setattr(store, "shingles_of", lambda row: read.append(row) or shingles_of(row))
+        assert find_duplicates(store, 2).duplicate_of.tolist() == [-1, -1]
+        store.release()
+        return sorted(read)
 
-    assert decide(prints.sizes) == [-1, -1] and read == []
-    assert decide(None) == [-1, -1] and sorted(read) == [0, 1]  # without counts both texts are read
+    read: list[int] = []
+    assert reads(dedup_index._may_reach) == []
+    assert reads(lambda size, sizes, threshold: np.ones(len(sizes), bool)) == [0, 1]  # without the bound both are read
+    monkeypatch.undo()
 
     texts = _lengthened(random_corpus(seed=25, size=400), seed=25)
     train, evaluation = texts[:400], texts[350:]
     rejected = []
     bound = dedup_index._may_reach
-    monkeypatch.setattr(dedup_index, "_may_reach", lambda *args: rejected.append(not bound(*args)) or bound(*args))
+    monkeypatch.setattr(dedup_index, "_may_reach", lambda *args: rejected.append(not bound(*args).all()) or bound(*args))
     with_bound = deduplicate_compact(train, evaluation, block_rows=50)
     assert any(rejected)
-    monkeypatch.setattr(dedup_index, "_may_reach", lambda *args: True)
+    monkeypatch.setattr(dedup_index, "_may_reach", lambda size, sizes, threshold: np.ones(len(sizes), bool))
     assert deduplicate_compact(train, evaluation, block_rows=50) == with_bound
     assert with_bound.train_duplicate_of and with_bound.eval_leaks

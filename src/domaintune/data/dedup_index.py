@@ -1,9 +1,9 @@
 """Deduplication for data too large for :class:`~domaintune.data.dedup.NearDuplicateIndex`: the
 same keep-first decisions from a few numbers per row, made one block of rows at a time.
 
-Per row, on disk (:class:`FingerprintStore`): an 8-byte exact key (:func:`exact_hash`), a flag
-for texts with shingles, its number of distinct shingles (4 bytes), and one 4-byte hash per LSH
-band of the row's MinHash signature (the permutations and banding of the in-memory index).
+Per row, on disk (:class:`FingerprintStore`): an 8-byte exact key (:func:`exact_hash`), its
+number of distinct shingles (4 bytes), one 4-byte hash per LSH band of the row's MinHash signature
+(the permutations and banding of the in-memory index), and its shingle set (4 bytes a shingle).
 :func:`find_duplicates` reads them back one block of rows at a time and decides each row in
 order, as ``deduplicate`` does: within train the first occurrence stays; an eval row duplicating a
 kept training row is a leak, one duplicating an earlier kept eval row an eval duplicate; exact
@@ -12,9 +12,10 @@ before near; a near match names the most similar kept row (ties: the earliest).
 A row's near candidates are the kept rows in its buckets (the rows with its hash in some band):
 those of earlier blocks come from an index that holds, per band and bucket, the bucket's first
 ``MAX_BUCKET_HEADS`` kept rows; those of its own block from a table filled as the block is
-decided. Each candidate is confirmed on the exact Jaccard of the two texts, read back through
-``text_of``, unless the two shingle counts alone rule the pair out (:func:`_may_reach`). No list
-of candidate pairs is ever built, and the decisions do not depend on the block size.
+decided. Each candidate is confirmed on the exact Jaccard of the two shingle sets, read back from
+the store (all of a row's candidates in one numpy pass), unless the two shingle counts alone rule
+the pair out (:func:`_may_reach`). No list of candidate pairs is ever built, and the decisions do
+not depend on the block size.
 
 Where the results can differ from ``deduplicate``:
 
@@ -29,7 +30,8 @@ Where the results can differ from ``deduplicate``:
   two million at four million rows). Band hashes are 32 bits: two buckets that share one only
   cost exact checks of false candidates (and share one bucket's room).
 
-Memory while deciding: 13 bytes per row (the decisions and shingle counts), 12 per distinct text
+Memory while deciding: 17 bytes per row (the decisions, and where each shingle set lies in the
+store), 12 per distinct text
 (the first row of each exact key), at most 8 per band for each kept row with shingles (the
 bucket index: 112 bytes at the default threshold's 14 bands), and some 21 bytes per row and band
 of one block. Rows are numbered in 32 bits in the indexes, which caps a store at ``MAX_ROWS``
@@ -38,16 +40,15 @@ rows.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from domaintune.data.dedup import (NUM_PERM, SEED, DedupResult, exact_key, jaccard, lsh_shape, shingles,
-                                   shingles_and_minhash)
+from domaintune.data.dedup import NUM_PERM, SEED, DedupResult, exact_key, lsh_shape, shingles_and_minhash
 
 MAX_BUCKET_HEADS = 16
 BLOCK_ROWS = 1 << 16  # rows decided together: large enough to amortise the numpy work per block
@@ -67,14 +68,13 @@ class Fingerprints:
 
     exact: np.ndarray  # (n,) uint64 exact keys
     bands: np.ndarray  # (n, bands) uint32 band hashes; zeros for texts without shingles
-    shingled: np.ndarray  # (n,) bool: the text has shingles (empty ones are never near duplicates)
-    # (n,) uint32 distinct shingles per text. Left out, every text with shingles counts one, which
-    # lets every candidate through to the exact check.
-    sizes: np.ndarray | None = None
+    sizes: np.ndarray  # (n,) uint32 distinct shingles per text
+    sets: list[np.ndarray] | None = None  # the shingle sets (:func:`~domaintune.data.dedup.shingles`), when held
 
-    def __post_init__(self) -> None:
-        if self.sizes is None:
-            self.sizes = self.shingled.astype(np.uint32)
+    @property
+    def shingled(self) -> np.ndarray:
+        """(n,) bool: the text has shingles (empty ones are never near duplicates)."""
+        return self.sizes > 0
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -83,17 +83,17 @@ class Fingerprints:
 def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
     """Exact keys, LSH band hashes and shingle counts of ``texts`` for a near-duplicate ``threshold``."""
     bands, rows = lsh_shape(threshold)
-    sizes = np.zeros(len(texts), dtype=np.uint32)
+    sets = []
     matrix = np.zeros((len(texts), bands * rows), dtype=np.uint64)
     for i, text in enumerate(texts):
         # What ``signature`` is made of, shingle set included: the text is shingled once for both.
         found, minhash = shingles_and_minhash(text, NUM_PERM, SEED)
-        sizes[i] = found.size
+        sets.append(found.astype(np.uint32))
         matrix[i] = minhash.hashvalues[: bands * rows]
-    shingled = sizes > 0
+    sizes = np.array([s.size for s in sets], dtype=np.uint32)
     hashes = _band_hashes(matrix.reshape(len(texts), bands, rows))
-    hashes[~shingled] = 0
-    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, shingled, sizes)
+    hashes[sizes == 0] = 0
+    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, sizes, sets)
 
 
 def _band_hashes(parts: np.ndarray) -> np.ndarray:
@@ -110,11 +110,10 @@ def _band_hashes(parts: np.ndarray) -> np.ndarray:
 
 class FingerprintStore:
     """The fingerprints of every row so far, in row order, appended to four files under
-    ``directory`` (exact keys, shingle flags, shingle counts, band hashes) and read back by blocks
-    of rows."""
+    ``directory`` (exact keys, shingle counts, band hashes, shingle sets) and read back by blocks
+    of rows, and the shingle sets one row at a time."""
 
-    _DTYPES = {"exact": np.dtype(np.uint64), "shingled": np.dtype(np.bool_), "sizes": np.dtype(np.uint32),
-               "bands": np.dtype(np.uint32)}
+    _DTYPES = {"exact": np.dtype(np.uint64), "sizes": np.dtype(np.uint32), "bands": np.dtype(np.uint32)}
 
     def __init__(self, directory: Path, threshold: float):
         self.directory = Path(directory)
@@ -122,7 +121,9 @@ class FingerprintStore:
         self.threshold = threshold
         self.bands, _ = lsh_shape(threshold)
         self._rows = 0
-        self._files = {name: open(self._path(name), "wb") for name in self._DTYPES}
+        self._files = {name: open(self._path(name), "wb") for name in [*self._DTYPES, "sets"]}
+        self._starts: np.ndarray | None = None  # where each row's set begins in sets.bin, in shingles
+        self._sets: int | None = None  # sets.bin opened for reading
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.bin"
@@ -133,14 +134,37 @@ class FingerprintStore:
     def append(self, prints: Fingerprints) -> None:
         if self._rows + len(prints) > MAX_ROWS:
             raise ValueError(f"a fingerprint store holds at most {MAX_ROWS} rows")
+        if prints.sets is None:
+            raise ValueError("appended fingerprints must hold their shingle sets")
         for name, dtype in self._DTYPES.items():
             self._files[name].write(np.ascontiguousarray(getattr(prints, name), dtype=dtype).tobytes())
+        for found in prints.sets:
+            self._files["sets"].write(np.ascontiguousarray(found, dtype=np.uint32).tobytes())
         self._rows += len(prints)
 
     def close(self) -> None:
-        """Flush the files; call before reading blocks."""
+        """Flush the files; call before reading."""
         for fh in self._files.values():
             fh.close()
+        sizes = np.fromfile(self._path("sizes"), dtype=np.uint32)
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.uint64)])
+        self._sets = os.open(self._path("sets"), os.O_RDONLY)
+
+    def release(self) -> None:
+        """Close the file the shingle sets are read from."""
+        if self._sets is not None:
+            os.close(self._sets)
+            self._sets = None
+
+    def sizes_of(self, rows: np.ndarray) -> np.ndarray:
+        """The shingle counts of ``rows``."""
+        return (self._starts[rows + 1] - self._starts[rows]).astype(np.int64)
+
+    def shingles_of(self, row: int) -> np.ndarray:
+        """Row ``row``'s shingle set, as :func:`~domaintune.data.dedup.shingles` gave it."""
+        start, stop = int(self._starts[row]), int(self._starts[row + 1])
+        # pread, not a memory map: the pages stay in the page cache, not in this process's RSS.
+        return np.frombuffer(os.pread(self._sets, 4 * (stop - start), 4 * start), dtype=np.uint32)
 
     def block(self, start: int, stop: int) -> Fingerprints:
         """The fingerprints of rows ``start .. stop-1``."""
@@ -151,8 +175,7 @@ class FingerprintStore:
             return np.fromfile(self._path(name), dtype=dtype, count=count * width,
                                offset=start * width * dtype.itemsize)
 
-        return Fingerprints(read("exact", 1), read("bands", self.bands).reshape(count, self.bands), read("shingled", 1),
-                            read("sizes", 1))
+        return Fingerprints(read("exact", 1), read("bands", self.bands).reshape(count, self.bands), read("sizes", 1))
 
 
 @dataclass
@@ -167,15 +190,13 @@ class Decisions:
         return self.duplicate_of < 0
 
 
-def find_duplicates(store: FingerprintStore, n_train: int, text_of: Callable[[int], str], *, exact: bool = True,
-                    near: bool = True, block_rows: int = BLOCK_ROWS,
-                    on_rows: Callable[[int], None] | None = None) -> Decisions:
-    """Decide every row of ``store``: rows ``0 .. n_train-1`` are training rows, the rest eval
-    rows. ``text_of(i)`` gives row ``i``'s text (to confirm near candidates). Rows are read and
-    decided ``block_rows`` at a time, ``on_rows(k)`` told after each block of ``k`` rows; the
-    decisions are the same for any block size."""
+def find_duplicates(store: FingerprintStore, n_train: int, *, exact: bool = True, near: bool = True,
+                    block_rows: int = BLOCK_ROWS, on_rows: Callable[[int], None] | None = None) -> Decisions:
+    """Decide every row of ``store`` (closed): rows ``0 .. n_train-1`` are training rows, the rest
+    eval rows. Rows are read and decided ``block_rows`` at a time, ``on_rows(k)`` told after each
+    block of ``k`` rows; the decisions are the same for any block size."""
     n = len(store)
-    decider = _Decider(n, n_train, store.bands, store.threshold, text_of, exact=exact, near=near)
+    decider = _Decider(n, n_train, store, exact=exact, near=near)
     if exact or near:
         for start in range(0, n, block_rows):
             stop = min(n, start + block_rows)
@@ -267,15 +288,12 @@ def _shared(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class _Decider:
     """What deciding a block needs of the blocks before it, and the decisions so far."""
 
-    def __init__(self, n: int, n_train: int, bands: int, threshold: float, text_of: Callable[[int], str], *,
-                 exact: bool, near: bool):
+    def __init__(self, n: int, n_train: int, store: FingerprintStore, *, exact: bool, near: bool):
         self.decisions = Decisions(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool))
-        self.n_train, self.threshold, self.exact = n_train, threshold, exact
+        self.n_train, self.threshold, self.exact = n_train, store.threshold, exact
+        self._store = store
         self._first_rows = _FirstRows()
-        self._buckets = _Buckets(bands) if near else None
-        self._sizes = np.zeros(n if near else 0, dtype=np.uint32)  # every row's shingle count, as decided
-        # Bucket heads are the candidates of many rows: keep their shingles (some 16k texts, ~10 MB).
-        self._own = lru_cache(maxsize=1 << 14)(lambda row: shingles(text_of(row)))
+        self._buckets = _Buckets(store.bands) if near else None
 
     def decide(self, start: int, prints: Fingerprints) -> None:
         """Decide rows ``start .. start + len(prints) - 1``, every row before them decided."""
@@ -286,7 +304,6 @@ class _Decider:
         if self._buckets is None:  # exact only: every repeat duplicates the (kept) first of its key
             dup[rows[repeat]] = first[repeat]
             return
-        self._sizes[start : start + len(prints)] = prints.sizes
         lo, hi = self._buckets.spans(prints.bands)
         # Repeats take part: a repeat of a row dropped in an earlier block searches its buckets.
         shared = _shared(prints.bands, np.flatnonzero(prints.shingled))
@@ -324,29 +341,37 @@ class _Decider:
         return match if match is not None else self._most_similar(row, [c for c in candidates if c >= self.n_train])
 
     def _most_similar(self, row: int, candidates: list[int]) -> int | None:
-        size = self._sizes[row]
-        candidates = [c for c in candidates if _may_reach(size, self._sizes[c], self.threshold)]
-        if not candidates:  # nothing to read, not even this row's text
+        if not candidates:
             return None
-        best, best_similarity = None, -1.0
-        mine = self._own(row)
-        for candidate in candidates:  # ascending: the earliest wins a tie
-            similarity = jaccard(mine, self._own(candidate))
-            if similarity >= self.threshold and similarity > best_similarity:
-                best, best_similarity = candidate, similarity
-        return best
+        found = np.array(candidates, dtype=np.int64)
+        sizes = self._store.sizes_of(found)
+        size = int(self._store.sizes_of(np.array([row]))[0])
+        reach = _may_reach(size, sizes, self.threshold)
+        if not reach.any():  # nothing to read, not even this row's set
+            return None
+        found, sizes = found[reach], sizes[reach]
+        mine = self._store.shingles_of(row)
+        # One pass over every candidate's set: which of its shingles this row has, summed per set.
+        theirs = np.concatenate([self._store.shingles_of(c) for c in found.tolist()])
+        at = np.minimum(np.searchsorted(mine, theirs), len(mine) - 1)
+        common = np.add.reduceat(mine[at] == theirs, np.r_[0, np.cumsum(sizes)[:-1]]).astype(np.int64)
+        # The division :func:`jaccard` makes, in the same float64 rounding.
+        similarity = common / (size + sizes - common)
+        best = int(np.argmax(similarity))  # candidates ascend: the earliest wins a tie
+        return int(found[best]) if similarity[best] >= self.threshold else None
 
 
-def _may_reach(size_a: int, size_b: int, threshold: float) -> bool:
-    """Whether two shingle sets of these sizes can have a Jaccard similarity of ``threshold`` or more.
+def _may_reach(size: int, sizes: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether a shingle set of ``size`` and sets of ``sizes`` can have a Jaccard similarity of
+    ``threshold`` or more, per element of ``sizes``.
 
     |A ∩ B| <= min(|A|, |B|) and |A ∪ B| >= max(|A|, |B|), so Jaccard(A, B) <= min / max: a pair
     whose counts differ more than that never reaches the threshold, and skipping it changes no
     decision. The float test agrees with :func:`jaccard`'s: both are one correctly rounded
     division of integers, and rounding keeps their order (equal when one set holds the other).
     """
-    small, large = sorted((int(size_a), int(size_b)))
-    return large > 0 and small / large >= threshold
+    small, large = np.minimum(size, sizes), np.maximum(size, sizes)
+    return (large > 0) & (small / np.maximum(large, 1) >= threshold)
 
 
 def deduplicate_compact(train: Sequence[str], eval: Sequence[str] = (), *, exact: bool = True, near: bool = True,
@@ -358,8 +383,10 @@ def deduplicate_compact(train: Sequence[str], eval: Sequence[str] = (), *, exact
         store = FingerprintStore(Path(directory), threshold)
         store.append(fingerprint(texts, threshold))
         store.close()
-        decisions = find_duplicates(store, len(train), texts.__getitem__, exact=exact, near=near,
-                                    block_rows=block_rows)
+        try:
+            decisions = find_duplicates(store, len(train), exact=exact, near=near, block_rows=block_rows)
+        finally:
+            store.release()
     result = DedupResult([True] * len(train), {}, [True] * len(eval), {}, {})
     for row in np.flatnonzero(~decisions.kept).tolist():
         match = (int(decisions.duplicate_of[row]), "near" if decisions.near[row] else "exact")

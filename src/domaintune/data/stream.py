@@ -2,16 +2,16 @@
 
 1. Stream the rows through validate → clean → redact PII in worker processes (chunks of rows,
    results in file order), spooling each kept example as a JSON line and keeping only numbers
-   per row in memory: its offset in the spool, label, split value and lengths; the exact keys and
-   MinHash band hashes go to files (``data.dedup_index``).
-2. Decide duplicates and leaks one block of rows at a time, reading back only the texts of
-   candidates.
+   per row in memory: its offset in the spool, label, split value and lengths; the exact keys,
+   MinHash band hashes and shingle sets go to files (``data.dedup_index``).
+2. Decide duplicates and leaks one block of rows at a time, reading back only the shingle sets
+   of candidates.
 3. Split (``data.array_split``), check eval labels, and copy the spooled lines to
    ``data/train.jsonl`` and ``data/eval.jsonl``, the dropped ones with their reasons to
    ``data/quarantine.jsonl`` when asked, and write the card.
 
 Memory grows by some 30 bytes per row while reading (plus 8 with a group or time split), and
-while deciding duplicates by 9 bytes per row, 12 per distinct text and at most 8 per LSH band
+while deciding duplicates by 17 bytes per row, 12 per distinct text and at most 8 per LSH band
 for each row kept (``data.dedup_index``), not with the text and not with the number of
 near-duplicate candidates. The per-row steps are ``data.steps.RowSteps``, the ones ``prepare``
 runs; see ``data.prepare`` for where the results can differ from it. Rows dropped by one of the
@@ -258,6 +258,8 @@ class _Spool:
         for fh in (self._out, self._quarantine, self._reader):
             if fh is not None:
                 fh.close()
+        if self.prints is not None:
+            self.prints.release()
 
 
 def _chunks(rows: Iterator[Row]) -> Iterator[list[Row]]:
@@ -297,8 +299,8 @@ def _deduplicate(spool: _Spool, progress: Progress) -> Decisions | None:
         return None
     dedup = spool.spec.data.dedup
     task = progress.add_task("duplicates", total=len(spool.prints))
-    return find_duplicates(spool.prints, spool.kept_in["train"], lambda row: key_text(spool.example(row)),
-                           exact=dedup.exact, near=dedup.near, on_rows=lambda rows: progress.advance(task, rows))
+    return find_duplicates(spool.prints, spool.kept_in["train"], exact=dedup.exact, near=dedup.near,
+                           on_rows=lambda rows: progress.advance(task, rows))
 
 
 def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path) -> tuple[dict[str, Any], list[Path]]:
