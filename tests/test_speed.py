@@ -108,7 +108,7 @@ def test_recomputing_half_the_layers_trains_to_the_same_losses(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = _lora(tiny_llama, speed.SpeedPlan(checkpointing=0.5))
-    layers = speed._decoder_layers(model.get_base_model())
+    layers = speed.decoder_layers(model.get_base_model())
     with speed.accelerated(model, speed.SpeedPlan(checkpointing=0.5)):
         assert sum(layer.gradient_checkpointing for layer in layers) == 1
     assert not any(layer.gradient_checkpointing for layer in layers)

@@ -113,12 +113,14 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         console.print(f"resuming {staging}")
     else:
         out_root = Path(output_dir) if output_dir is not None else root / spec.output_dir
-        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        # under torchrun every process names rank 0's run: one folder, which rank 0 alone writes
+        run_id = distributed.from_main(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
         run_dir = out_root / spec.name / run_id
         staging = out_root / spec.name / f".{run_id}.partial"
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, exist_ok=distributed.world_size() > 1)
     try:
-        processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine")
+        processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine") \
+            if distributed.is_main() else []
         runner = _run_classification if spec.task == "classification" else partial(_run_causal, preference=preference)
         result, train_log = runner(spec, base, data, staging, console, timings,
                                    Path(init_from) if init_from is not None else None)
@@ -142,7 +144,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # they serve a resume only
         staging.rename(run_dir)
     except BaseException:
-        if not resumed:  # a failed resume keeps the checkpoints it came for
+        # a failed resume keeps the checkpoints it came for; the other processes leave rank 0's folder
+        if not resumed and distributed.is_main():
             shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
         raise
     if register:
@@ -353,7 +356,8 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
 
     clock = time.perf_counter()
     plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
-                      checkpointing=spec.training.activation_checkpointing)
+                      checkpointing=spec.training.activation_checkpointing,
+                      fsdp=spec.training.distributed == "fsdp" and distributed.world_size() > 1)
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
     if init_from is not None:  # an update continues from that run's weights
         from domaintune.update.warm_start import continue_causal

@@ -130,6 +130,9 @@ class TrainingConfig(_Section):
     activation_checkpointing: float = Field(
         0.0, ge=0, le=1, description="The fraction of decoder layers whose activations are recomputed in the "
                                      "backward pass instead of kept: less memory for longer sequences, more time.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="sft/pretrain under torchrun: ddp keeps the whole model in every process; fsdp shards "
+                           "weights, gradients and optimiser state across them (FSDP2), for models too large for one device.")
 
 
 class LoraConfig(_Section):
@@ -247,6 +250,16 @@ class Recipe(_Section):
             raise ValueError(f"{v} does not support task {task}; with {task} use one of: "
                              f"{', '.join(METHODS_BY_TASK[task])}")
         return v
+
+    @model_validator(mode="after")
+    def _sharding_fits(self) -> "Recipe":
+        if self.training.distributed == "fsdp" and self.task == "classification":
+            raise ValueError("training.distributed: fsdp shards causal LMs (task sft or pretrain); classification "
+                             "models are small enough for ddp, the default")
+        if self.training.distributed == "fsdp" and self.method == "qlora":
+            raise ValueError("training.distributed: fsdp does not shard 4-bit qlora weights; use method: lora "
+                             "with fsdp, or qlora with ddp")
+        return self
 
 
 # Measured on the example recipes and tuned so that a run with only data keys set beats its base:

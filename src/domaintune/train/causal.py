@@ -14,11 +14,12 @@ from rich.console import Console
 
 from domaintune.data.examples import ChatExample
 from domaintune.errors import DataError
-from domaintune.train import distributed
+from domaintune.train import distributed, fsdp
 from domaintune.train.batching import length_grouped_batches, pad_right
 from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
 from domaintune.train.packing import IGNORE, pack_rows, packing_honoured, row_attention
-from domaintune.train.speed import SpeedPlan, hidden_and_head, linear_cross_entropy
+from domaintune.train.checkpoint import load_trainable_state, trainable_state
+from domaintune.train.speed import SpeedPlan, decoder_layers, hidden_and_head, linear_cross_entropy
 
 # Used only when a tokenizer has no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -175,31 +176,38 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
 def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size: int, console: Console,
            description: str, eval_rows: list[Tokenized] | None, packing: bool, speed: SpeedPlan) -> list[dict]:
     lengths = [len(r.input_ids) for r in rows]
-    fused = hidden_and_head(model) if speed.fused_loss else None
+    trained = model
+    if speed.fsdp and distributed.world_size() > 1:
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        trained = fsdp.shard(model, decoder_layers(base), speed.device, torch.bfloat16 if speed.bf16 else None)
+    fused = hidden_and_head(trained) if speed.fused_loss else None
 
     def batches_for_epoch(epoch: int) -> list[dict]:
         batches = []
         for idx in length_grouped_batches(lengths, batch_size, loop.seed + epoch):
             mine = [rows[i] for i in distributed.shard(idx)]
-            if not mine:  # a last batch smaller than the number of processes
-                batches.append({})
-            else:
-                pack = packing and (speed.pack_mixed_lengths or len({len(r.input_ids) for r in mine}) == 1)
-                batches.append(_pack(mine) if pack else _batch(mine, tokenizer.pad_token_id))
+            # A process left without rows (a last batch smaller than the number of processes) still
+            # runs one, weighted 0: under FSDP every forward pass is collective.
+            held = mine or [rows[idx[0]]]
+            pack = packing and (speed.pack_mixed_lengths or len({len(r.input_ids) for r in held}) == 1)
+            batch = _pack(held) if pack else _batch(held, tokenizer.pad_token_id)
+            batches.append({**batch, "counts": bool(mine)})
         return batches
 
     def loss_fn(m, batch: dict) -> tuple[torch.Tensor, int]:
         # The loss is the mean over the labelled tokens of the whole batch, in every process:
         # each sums its own and divides by the count over all of them (gradients are then averaged).
-        if not batch:
-            distributed.all_sum(0)
-            return torch.zeros((), requires_grad=True), 0
+        batch = dict(batch)
+        counts = batch.pop("counts")
         with speed.autocast():
             if fused is not None:
                 total, count = _fused_loss(*fused, batch)
             else:
                 nll, mask = _token_losses(m, batch)
                 total, count = (nll * mask).sum(), mask.sum()
+        if not counts:
+            return total * 0.0, int(distributed.all_sum(0))
         labelled = distributed.all_sum(int(count)) / distributed.world_size()
         tokens = batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"].sum()
         return total / max(1.0, labelled), int(tokens)
@@ -208,9 +216,12 @@ def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size
         with speed.autocast():
             return math.log(perplexity(m, tokenizer, eval_rows, batch_size)[0])
 
-    groups = param_groups(model.named_parameters(), loop.weight_decay)
-    return train_loop(model, groups, batches_for_epoch, loss_fn, loop, console, description,
-                      eval_loss=eval_loss if eval_rows else None)
+    groups = param_groups(trained.named_parameters(), loop.weight_decay)
+    log = train_loop(trained, groups, batches_for_epoch, loss_fn, loop, console, description,
+                     eval_loss=eval_loss if eval_rows else None)
+    if trained is not model:  # every process gathers; the caller's model gets the whole weights
+        load_trainable_state(model, fsdp.whole(trainable_state(trained)))
+    return log
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from domaintune.errors import RecipeError
+from domaintune.train import fsdp
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -64,13 +65,22 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    plan: dict[str, Any], best_weights: dict[str, torch.Tensor] | None) -> Path:
-    """Write ``directory/checkpoint.pt`` atomically (a temporary file, then a rename)."""
-    directory.mkdir(parents=True, exist_ok=True)
+                    plan: dict[str, Any], best_weights: dict[str, torch.Tensor] | None, write: bool = True) -> Path:
+    """Write ``directory/checkpoint.pt`` atomically (a temporary file, then a rename). A sharded
+    model (``train.fsdp``) is gathered whole, which every process must take part in; only those
+    with ``write`` write the file."""
     path = directory / CHECKPOINT_FILE
+    if fsdp.is_sharded(model):
+        weights, optimizer_state = fsdp.whole(trainable_state(model)), fsdp.full_optimizer_state(model, optimizer)
+        best_weights = fsdp.whole(best_weights) if best_weights is not None else None
+    else:
+        weights, optimizer_state = trainable_state(model), optimizer.state_dict()
+    if not write:
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{CHECKPOINT_FILE}.tmp"
-    torch.save({"plan": plan, "state": asdict(state), "weights": trainable_state(model),
-                "optimizer": optimizer.state_dict(), "rng": _rng_state(), "best_weights": best_weights}, tmp)
+    torch.save({"plan": plan, "state": asdict(state), "weights": weights, "optimizer": optimizer_state,
+                "rng": _rng_state(), "best_weights": best_weights}, tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -89,7 +99,13 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
         changed = sorted(k for k in plan.keys() | saved["plan"].keys() if plan.get(k) != saved["plan"].get(k))
         raise RecipeError(f"the checkpoint was written by a different training set-up ({', '.join(changed)} changed)",
                           where=str(path), hint="resume with the recipe and --set overrides of the original run")
-    load_trainable_state(model, saved["weights"])
-    optimizer.load_state_dict(saved["optimizer"])
+    best_weights = saved["best_weights"]
+    if fsdp.is_sharded(model):
+        load_trainable_state(model, fsdp.shards_like(model, saved["weights"]))
+        fsdp.load_full_optimizer_state(model, optimizer, saved["optimizer"])
+        best_weights = fsdp.shards_like(model, best_weights) if best_weights is not None else None
+    else:
+        load_trainable_state(model, saved["weights"])
+        optimizer.load_state_dict(saved["optimizer"])
     _restore_rng(saved["rng"])
-    return TrainState(**saved["state"]), saved["best_weights"]
+    return TrainState(**saved["state"]), best_weights

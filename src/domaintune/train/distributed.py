@@ -42,6 +42,15 @@ def shard(items: list) -> list:
     return items[rank()::world_size()]
 
 
+def from_main(value):
+    """Rank 0's ``value`` (any picklable object), in every process."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_sum(value: float) -> float:
     """``value`` summed over the processes."""
     if world_size() == 1:

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from domaintune.train import distributed
+from domaintune.train import distributed, fsdp
 from domaintune.train.checkpoint import (TrainState, load_checkpoint, load_trainable_state, save_checkpoint,
                                          trainable_state)
 from domaintune.train.trackers import open_tracker
@@ -99,8 +99,9 @@ def train_loop(
     One optimiser step takes ``gradient_accumulation_steps`` consecutive batches of an epoch.
 
     Under torchrun every process calls this with its share of each batch (see
-    ``domaintune.train.distributed``); gradients are averaged before each step, and rank 0 alone
-    writes the log, the checkpoints and the progress bar.
+    ``domaintune.train.distributed``); gradients are averaged before each step (by FSDP itself for
+    a model sharded by ``domaintune.train.fsdp``), and rank 0 alone writes the log, the checkpoints
+    and the progress bar.
     """
     first_epoch = batches_for_epoch(0)  # built once: it also tells the number of steps
     accumulation = config.gradient_accumulation_steps
@@ -114,6 +115,7 @@ def train_loop(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     checkpoint_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
     main = distributed.is_main()
+    sharded = fsdp.is_sharded(model)
     checkpoints = config.run_dir / "checkpoints" if config.run_dir is not None and checkpoint_every else None
     patience = config.early_stopping_patience if eval_loss is not None else None
     pause_after = int(os.environ.get(PAUSE_AFTER_STEP_ENV, "0"))
@@ -121,7 +123,7 @@ def train_loop(
     # What a checkpoint must agree with to be resumed: the same schedule over the same weights.
     plan = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup": warmup,
             "learning_rate": config.learning_rate, "scheduler": config.scheduler, "seed": config.seed,
-            "accumulation": accumulation,
+            "accumulation": accumulation, **({"sharded": True} if sharded else {}),
             "weights": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}}
     state, best_weights = TrainState(), None
     if checkpoints is not None:
@@ -129,7 +131,8 @@ def train_loop(
         if restored is not None:
             state, best_weights = restored
             console.print(f"resuming at step {state.step} of {total_steps}")
-    distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
+    if not sharded:  # a sharded model was copied from weights broadcast before it was cut
+        distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
 
     log_file = tracker = None
     if config.run_dir is not None and main:
@@ -165,7 +168,8 @@ def train_loop(
                     (loss / len(micro_batches)).backward()
                     loss_sum += float(loss.detach())
                     step_tokens += n_tokens
-                distributed.average_gradients(trainable)
+                if not sharded:  # FSDP averages the gradient shards in backward
+                    distributed.average_gradients(trainable)
                 state.tokens_seen += int(distributed.all_sum(step_tokens))
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
@@ -177,7 +181,7 @@ def train_loop(
                     "epoch": round(state.step / steps_per_epoch, 4),
                     "loss": distributed.all_sum(loss_sum / len(micro_batches)) / distributed.world_size(),
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": fsdp.scalar(grad_norm),
                     "tokens_per_s": state.tokens_seen / state.elapsed_s if state.elapsed_s > 0 else 0.0,
                     "elapsed_s": round(state.elapsed_s, 3),
                 }
@@ -197,8 +201,8 @@ def train_loop(
                 finished = state.step >= total_steps or state.stopped is not None
                 if finished and best_weights is not None:
                     load_trainable_state(model, best_weights)  # early stopping keeps the best evaluation's weights
-                if checkpoints is not None and main and (finished or state.step % checkpoint_every == 0):
-                    save_checkpoint(checkpoints, model, optimizer, state, plan, best_weights)
+                if checkpoints is not None and (finished or state.step % checkpoint_every == 0):
+                    save_checkpoint(checkpoints, model, optimizer, state, plan, best_weights, write=main)
                 if state.step == pause_after:
                     time.sleep(3600)
     finally:

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from domaintune.data.examples import ChatExample
 from domaintune.errors import DataError
+from domaintune.train import distributed
 from domaintune.train.batching import length_grouped_batches
 from domaintune.train.causal import Tokenized, _batch, _token_losses, tokenize_chat
 from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
@@ -182,7 +183,7 @@ class PreferencePhase:
                                batch_size=self.batch_size, console=console, reference=self._reference)
         summary = {"beta": self.beta, "pairs": len(self.pairs), "steps": len(log), "before": before,
                    "after": self._metrics(model, tokenizer)}
-        if loop.run_dir is not None:
+        if loop.run_dir is not None and distributed.is_main():  # under torchrun, rank 0 writes the run
             shutil.rmtree(loop.run_dir / "checkpoints", ignore_errors=True)  # they serve a resume only
             with open(loop.run_dir / "pairs.jsonl", "w", encoding="utf-8") as fh:
                 for p in self.pairs:

@@ -42,6 +42,9 @@ class SpeedPlan:
     # Rows of different lengths laid end to end. On a GPU without a variable-length attention kernel
     # this measured slower than padding rows of similar length (bench/README.md): padded there.
     pack_mixed_lengths: bool = True
+    # Train a copy sharded across the processes (``train.fsdp``); the model itself stays on the CPU
+    # and gets the trained weights back.
+    fsdp: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
@@ -52,16 +55,21 @@ class SpeedPlan:
 
 
 def plan_speed(setting: str, model_type: str | None, method: str, compile_layers: bool = False,
-               checkpointing: float = 0.0) -> SpeedPlan:
+               checkpointing: float = 0.0, fsdp: bool = False) -> SpeedPlan:
     """What to turn on for a causal LM of ``model_type`` trained by ``method`` on this machine.
 
     ``setting`` is the recipe's ``training.speed``: ``auto`` or ``off``. A GPU is used whenever one
     is visible (``off`` only leaves out the kernels); quantised bases (qlora) keep their own dtype.
-    ``checkpointing`` (``training.activation_checkpointing``) holds on every machine.
+    ``checkpointing`` (``training.activation_checkpointing``) holds on every machine. ``fsdp``
+    (several processes, ``training.distributed: fsdp``) trains a sharded copy in bfloat16 on the
+    GPU, without Liger and the fused loss (FSDP gathers a unit's weights only when the unit runs
+    through its own forward, which the fused loss and Liger's patched forwards bypass).
     """
     if not torch.cuda.is_available():
-        return SpeedPlan(checkpointing=checkpointing)
+        return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp)
     bf16 = torch.cuda.is_bf16_supported()
+    if fsdp:
+        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True)
     if setting == "off":
         return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False)
     # Liger's autograd functions broke torch.compile's tracing (dynamo, torch 2.11): one or the other
@@ -74,7 +82,7 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
 def place(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
     """Move a model to the plan's device and dtype. Place a base before PEFT wraps it, so that its
     adapter weights are made next to it in float32; a model already wrapped only moves."""
-    if plan.device == "cpu" or method == "qlora":  # a 4-bit base is already on its GPU
+    if plan.device == "cpu" or plan.fsdp or method == "qlora":  # a 4-bit base is already on its GPU
         return model
     if hasattr(model, "get_base_model") or not plan.bf16:
         return model.to(device=plan.device)
@@ -87,7 +95,7 @@ def accelerated(model: torch.nn.Module, plan: SpeedPlan) -> Iterator[torch.nn.Mo
     checkpointing and compiled layers; on leaving, all of it is undone, so that evaluation (on the
     CPU, see ``release``) and every other model of the process see plain transformers again."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = _decoder_layers(base)
+    layers = decoder_layers(base)
     undo_liger = _patch_liger(base) if plan.liger else None
     if plan.checkpointing > 0 and layers and hasattr(base, "gradient_checkpointing_enable"):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,7 +153,7 @@ def release(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Mo
     return model
 
 
-def _decoder_layers(base: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(base: torch.nn.Module) -> list[torch.nn.Module]:
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     return list(getattr(decoder, "layers", []))
 

@@ -1,0 +1,114 @@
+"""`domaintune run` under torchrun with `training.distributed: fsdp`: two CPU processes (gloo) train
+one sharded copy of the model and write the run of a one-process run with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from domaintune.errors import RecipeError
+from domaintune.pipeline import run
+from domaintune.recipe import load_recipe
+from domaintune.train.checkpoint import CHECKPOINT_FILE
+from domaintune.train.loop import PAUSE_AFTER_STEP_ENV
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
+
+# No dropout: the two layouts of the same batch must see the same function. Nine rows of train
+# data in batches of 4 leave one process without rows in the last batch of each epoch.
+OVERRIDES = {"lora.dropout": 0.0, "training.epochs": 2, "training.batch_size": 4}
+
+
+def _weights(run_dir, method: str) -> dict[str, torch.Tensor]:
+    name = "adapter/adapter_model.safetensors" if method != "full" else "adapter/model.safetensors"
+    return load_file(run_dir / name)
+
+
+def _torchrun(recipe, overrides: dict, output, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "domaintune", "run", str(recipe), *sets, "--output-dir", str(output), "--no-register", "--quiet",
+               *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def _finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, weight in want.items():
+        assert torch.allclose(got[name], weight, atol=1e-5), name
+
+
+def test_full_fine_tuning_sharded_over_two_processes_equals_one_process(sft_recipe, tmp_path):
+    overrides = {**OVERRIDES, "method": "full", "training.learning_rate": 1e-3}
+    alone = run(sft_recipe, overrides, output_dir=tmp_path / "alone", register=False)
+    _finish(_torchrun(sft_recipe, {**overrides, "training.distributed": "fsdp"}, tmp_path / "fsdp"))
+    runs = list((tmp_path / "fsdp" / "tiny-colours").iterdir())
+    assert len(runs) == 1 and not runs[0].name.startswith("."), runs  # one run, nothing half-written
+    assert (runs[0] / "metrics.json").is_file()
+    _assert_same_weights(_weights(runs[0], "full"), _weights(alone.run_dir, "full"))
+
+
+def test_a_sharded_run_killed_mid_training_resumes_to_the_weights_of_one_process(sft_recipe, tmp_path):
+    overrides = {**OVERRIDES, "training.checkpoint_every": 3}
+    sharded = {**overrides, "training.distributed": "fsdp"}
+    killed = _torchrun(sft_recipe, sharded, tmp_path / "fsdp", env={PAUSE_AFTER_STEP_ENV: "4"})
+    alone = run(sft_recipe, overrides, output_dir=tmp_path / "alone", register=False)  # meanwhile
+
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "fsdp").glob(f"*/.*.partial/checkpoints/{CHECKPOINT_FILE}")):
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stderr and killed.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1)  # the file appears by rename, whole; let the workers reach their pause
+    for pid in _process_tree(killed.pid):  # torchrun and its workers, which sit in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    killed.wait()
+    partial = next((tmp_path / "fsdp").glob("*/.*.partial"))
+    checkpoint = torch.load(partial / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["plan"]["sharded"] and checkpoint["state"]["step"] == 3
+    # whole tensors in the file, not one process's shard
+    lora_a = next(n for n in checkpoint["weights"] if "lora_A" in n)
+    assert list(checkpoint["weights"][lora_a].shape) == checkpoint["plan"]["weights"][lora_a]
+    _finish(_torchrun(sft_recipe, sharded, tmp_path / "fsdp", "--resume", str(partial)))
+    runs = [r for r in (tmp_path / "fsdp" / "tiny-colours").iterdir()]
+    assert [r.name for r in runs] == [partial.name[1:-len(".partial")]]
+    _assert_same_weights(_weights(runs[0], "lora"), _weights(alone.run_dir, "lora"))
+
+
+@pytest.mark.parametrize("recipe_fixture, overrides, message", [
+    ("sft_recipe", {"method": "qlora"}, "fsdp does not shard 4-bit qlora"),
+    ("classification_recipe", {}, "classification models are small enough for ddp"),
+])
+def test_fsdp_is_refused_where_it_cannot_shard(request, recipe_fixture, overrides, message):
+    recipe = request.getfixturevalue(recipe_fixture)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, {**overrides, "training.distributed": "fsdp"})
