@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import pytest
@@ -133,3 +134,80 @@ def test_training_on_packed_batches_ends_at_the_same_weights_as_on_padded_ones(t
     assert padded_log[0]["loss"] != pytest.approx(padded_log[-1]["loss"], abs=1e-3)  # it did train
     for name, weight in padded.items():
         assert torch.allclose(packed[name], weight, atol=1e-5), name
+
+
+def _segments_attention(query, key, value, cu, causal: bool, scale: float | None = None):
+    """Variable-length attention done row by row with SDPA: (length, heads, head_dim) in and out."""
+    out = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        if k.shape[0] != q.shape[0]:
+            k, v = k.repeat_interleave(q.shape[0] // k.shape[0], 0), v.repeat_interleave(q.shape[0] // k.shape[0], 0)
+        out.append(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert key.shape[1] == query.shape[1], "torch 2.10's kernel takes as many key heads as query heads"
+    return _segments_attention(query, key, value, cu_seq_q, is_causal)
+
+
+def varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False):
+    assert enable_gqa or key.shape[1] == query.shape[1]
+    return _segments_attention(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("kernel", [varlen_2_10, varlen_2_13], ids=["torch 2.10 signature", "torch 2.13 signature"])
+def test_rows_of_mixed_lengths_go_through_the_variable_length_kernel_in_one_call(llama, monkeypatch, kernel):
+    # The kernel itself runs on CUDA only: here a row-by-row stand-in with each release's
+    # signature checks what is handed to it (layout, boundaries, causality, key/value heads).
+    from torch.nn.attention import varlen
+
+    from domaintune.train import packing
+
+    calls = []
+
+    @functools.wraps(kernel)  # the signature is what tells the releases apart
+    def counted(*args, **kwargs):
+        calls.append(args[3].tolist())
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", counted)
+    packing._torch_varlen.cache_clear()
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda query, options: packing._torch_varlen())
+    model, tokenizer = llama
+    rows = _chats(tokenizer)
+    packed = pack_rows([r.input_ids for r in rows], [r.labels for r in rows])
+    try:
+        with torch.no_grad(), row_attention(model):
+            logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+    finally:
+        packing._torch_varlen.cache_clear()
+    bounds = [0, *torch.tensor([len(r.input_ids) for r in rows]).cumsum(0).tolist()]
+    assert calls == [bounds] * model.config.num_hidden_layers
+    nll = F.cross_entropy(logits[:-1], packed["labels"][0, 1:], ignore_index=IGNORE, reduction="none")
+    with torch.no_grad():
+        alone = _row_losses_alone(model, rows)
+    for (start, end), loss in zip(zip(bounds, bounds[1:]), alone):
+        assert float(nll[start:end - 1].sum()) == pytest.approx(float(loss), abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_variable_length_kernel_on_a_gpu_matches_rows_alone(llama):
+    from domaintune.train import packing
+
+    if packing._torch_varlen() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    model, tokenizer = llama
+    model = model.to("cuda", torch.bfloat16)
+    rows = _chats(tokenizer)
+    packed = pack_rows([r.input_ids for r in rows], [r.labels for r in rows])
+    with torch.no_grad(), row_attention(model):
+        logits = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
+                       use_cache=False).logits[0].float()
+        start = 0
+        for r in rows:
+            alone = model(input_ids=torch.tensor([r.input_ids], device="cuda")).logits[0].float()
+            assert (logits[start:start + len(r.input_ids)] - alone).abs().max() < 0.05 * alone.abs().max()
+            start += len(r.input_ids)

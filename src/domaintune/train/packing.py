@@ -4,16 +4,19 @@ A packed batch carries ``position_ids`` that restart at 0 for every row and no 2
 mask. Transformers reads the restarts as row boundaries: with flash-attention it runs the
 variable-length kernel, with SDPA and eager attention it builds a block-diagonal causal mask.
 That mask costs attention over the whole packed length, most of it masked out; ``row_attention``
-swaps SDPA for a path that runs causal SDPA on each row of a one-sequence batch instead (the
-variable-length kernel's job, for machines without one).
+swaps SDPA for a path that runs causal attention on each row of a one-sequence batch instead:
+PyTorch's variable-length flash-attention kernel on a GPU where this torch has one, else SDPA row
+by row.
 The rows of a packed batch are the rows a padded batch would hold, so packing changes the speed
 of a step, never its loss (``tests/test_packing.py`` checks both against rows run alone).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,6 +77,13 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
         rows = [t.reshape(t.shape[1], n, t.shape[2] // n, t.shape[3]).transpose(0, 1) for t in (query, key, value)]
         out = sdpa_attention_forward(module, *rows, None, **rest)[0]  # (rows, row length, heads, head_dim)
         return out.reshape(1, -1, *out.shape[2:]), None
+    kernel = _varlen_kernel(query, rest)
+    if kernel is not None:  # one call for all the rows, as flash-attention's variable-length kernel takes them
+        groups = getattr(module, "num_key_value_groups", 1)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (length, heads, head_dim)
+        out = kernel(q, k, v, cu, max(e - s for s, e in zip(bounds, bounds[1:])), rest.get("scaling"), groups)
+        return out.unsqueeze(0), None  # (batch, length, heads, head_dim)
     # Every row is a new shape: on a GPU keep to the kernels that take any length as it comes,
     # never cuDNN's, which plans per shape (the suspected cause of slow packed GPU steps, bench/README.md).
     # split, not slices: the backward of a split is one concatenation, while each slice's backward
@@ -87,6 +97,48 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 _ANY_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _varlen_kernel(query: torch.Tensor, options: dict) -> Callable | None:
+    """Causal attention over rows laid end to end in one call, where there is a kernel for it:
+    PyTorch's flash-attention ``varlen_attn`` (torch 2.10+) on a CUDA GPU in half precision, with
+    no attention dropout and no sliding window. The callable takes (length, heads, head_dim)
+    tensors, the rows' boundaries, the longest row, the scale and the key/value head groups."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if options.get("dropout") or options.get("sliding_window") is not None:
+        return None
+    return _torch_varlen()
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_varlen() -> Callable | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    # how causality is asked for changed between releases: a flag, then a window reaching no future token
+    if "is_causal" in params:
+        causal = {"is_causal": True}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    else:
+        return None
+    takes_scale, gqa = "scale" in params, "enable_gqa" in params  # neither in torch 2.10
+
+    def run(q, k, v, cu, longest: int, scale: float | None, groups: int) -> torch.Tensor:
+        extra = dict(causal)
+        if groups > 1 and gqa:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if scale is not None and takes_scale:
+            extra["scale"] = scale
+        elif scale is not None:  # the kernel scales by 1/sqrt(head_dim): fold the rest into the queries
+            q = q * (scale * q.shape[-1] ** 0.5)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    return run
 
 
 AttentionInterface.register(ROW_ATTENTION, _row_sdpa)
