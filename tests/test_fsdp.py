@@ -58,8 +58,21 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def _finish(process: subprocess.Popen) -> None:
-    _, stderr = process.communicate(timeout=300)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill(process)  # no worker left waiting on the others for ever
+        raise
     assert process.returncode == 0, stderr[-3000:]
+
+
+def _kill(process: subprocess.Popen) -> None:
+    for pid in _process_tree(process.pid):  # torchrun and its workers, which sit in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended meanwhile
+            pass
+    process.wait()
 
 
 def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -89,9 +102,7 @@ def test_a_sharded_run_killed_mid_training_resumes_to_the_weights_of_one_process
         assert killed.poll() is None and time.monotonic() < deadline, killed.stderr and killed.stderr.read()
         time.sleep(0.05)
     time.sleep(1)  # the file appears by rename, whole; let the workers reach their pause
-    for pid in _process_tree(killed.pid):  # torchrun and its workers, which sit in sessions of their own
-        os.kill(pid, signal.SIGKILL)
-    killed.wait()
+    _kill(killed)
     partial = next((tmp_path / "fsdp").glob("*/.*.partial"))
     checkpoint = torch.load(partial / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
     assert checkpoint["plan"]["sharded"] and checkpoint["state"]["step"] == 3

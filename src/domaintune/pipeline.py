@@ -118,9 +118,9 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         run_dir = out_root / spec.name / run_id
         staging = out_root / spec.name / f".{run_id}.partial"
         staging.mkdir(parents=True, exist_ok=distributed.world_size() > 1)
+    main = distributed.is_main()  # asked now: the other processes leave the process group after training
     try:
-        processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine") \
-            if distributed.is_main() else []
+        processed = write_prepared(data, staging, quarantine=spec.data.on_bad_rows == "quarantine") if main else []
         runner = _run_classification if spec.task == "classification" else partial(_run_causal, preference=preference)
         result, train_log = runner(spec, base, data, staging, console, timings,
                                    Path(init_from) if init_from is not None else None)
@@ -145,7 +145,7 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         staging.rename(run_dir)
     except BaseException:
         # a failed resume keeps the checkpoints it came for; the other processes leave rank 0's folder
-        if not resumed and distributed.is_main():
+        if not resumed and main:
             shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
         raise
     if register:

@@ -180,7 +180,7 @@ def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size
     if speed.fsdp and distributed.world_size() > 1:
         distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        trained = fsdp.shard(model, decoder_layers(base), speed.device, torch.bfloat16 if speed.bf16 else None)
+        trained = fsdp.shard(model, decoder_layers(base), speed.device, bf16=speed.bf16)
     fused = hidden_and_head(trained) if speed.fused_loss else None
 
     def batches_for_epoch(epoch: int) -> list[dict]:

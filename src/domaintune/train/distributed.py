@@ -14,10 +14,15 @@ import torch
 import torch.distributed as dist
 
 
+_left = False  # set by ``leave``: this process is out of the group for good
+
+
 def world_size() -> int:
     """How many processes train together (1 when not launched by torchrun/accelerate)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 1
+    if _left:  # joining again would wait forever for processes that have moved on
+        raise RuntimeError("this process left the process group (distributed.leave) and cannot ask about it")
     if not dist.is_initialized():
         # gloo runs everywhere; nccl only between CUDA devices
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -90,6 +95,8 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
 
 def leave() -> None:
     """End a worker process that has finished training: rank 0 alone evaluates and writes the run."""
+    global _left
     if dist.is_initialized():
         dist.destroy_process_group()
+    _left = True
     raise SystemExit(0)

@@ -4,8 +4,7 @@ Under torchrun each process holds a 1/N shard of every weight, gradient and opti
 a decoder layer's weights are gathered just before it runs and freed after, and gradients are
 reduce-scattered (averaged) in backward. Training runs on a sharded copy of the model (``shard``);
 the caller's model stays whole, on its device, and gets the trained weights back at the end
-(``whole``), so that rank 0 evaluates and saves
-a plain model. Every process must make the same calls in the same order: forward passes, the
+(``whole``), so that rank 0 evaluates and saves a plain model. Every process must make the same calls in the same order: forward passes, the
 gathers here and the checkpoint writes are collective.
 """
 
@@ -16,23 +15,26 @@ import copy
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard(model: torch.nn.Module, layers: list[torch.nn.Module], device: str,
-          dtype: torch.dtype | None = None) -> torch.nn.Module:
+def shard(model: torch.nn.Module, layers: list[torch.nn.Module], device: str, bf16: bool = False) -> torch.nn.Module:
     """A copy of ``model`` sharded across the processes, one FSDP unit per decoder layer (the
-    copy's counterparts of ``layers``) and one for the rest, moved to ``device`` (and ``dtype``)."""
+    copy's counterparts of ``layers``) and one for the rest, its shards moved to ``device``. With
+    ``bf16`` the shards stay float32 (what the optimiser updates) and are gathered in bfloat16 for
+    the forward and backward passes; gradients are averaged in float32."""
     positions = {id(m): i for i, m in enumerate(model.modules())}
     sharded = copy.deepcopy(model)
     modules = list(sharded.modules())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in layers:
-        fully_shard(modules[positions[id(layer)]])
-    fully_shard(sharded)
-    return sharded.to(device=device, dtype=dtype) if dtype is not None else sharded.to(device=device)
+        fully_shard(modules[positions[id(layer)]], mp_policy=policy)
+    fully_shard(sharded, mp_policy=policy)
+    return sharded.to(device=device)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
