@@ -39,7 +39,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import date
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Callable, Iterable, Iterator
 
@@ -121,15 +121,25 @@ def _find_phone(text: str) -> Iterator[tuple[int, int]]:
         digits = sum(c.isdigit() for c in window)
         if not 7 <= digits <= 15 or _DOTTED_QUAD.fullmatch(window) or _after_reference_word(text, run.start()):
             continue
-        # International form reads the same from every region; national forms need each one.
-        regions = PHONE_REGIONS[:1] if window.startswith("+") else PHONE_REGIONS
-        covered: set[int] = set()
-        for region in regions:
-            for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
-                covered.update(range(m.start, m.end))
-                yield run.start() + m.start, run.start() + m.end
-            if all(i in covered for i, c in enumerate(window) if c.isdigit()):
-                break
+        for start, end in _phones_in(window):
+            yield run.start() + start, run.start() + end
+
+
+@lru_cache(maxsize=1 << 16)
+def _phones_in(window: str) -> tuple[tuple[int, int], ...]:
+    """The phone numbers of one digit run. Cached: dates, amounts and reference numbers recur
+    across rows, and each costs the matcher a pass per region."""
+    # International form reads the same from every region; national forms need each one.
+    regions = PHONE_REGIONS[:1] if window.startswith("+") else PHONE_REGIONS
+    found: list[tuple[int, int]] = []
+    covered: set[int] = set()
+    for region in regions:
+        for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
+            covered.update(range(m.start, m.end))
+            found.append((m.start, m.end))
+        if all(i in covered for i, c in enumerate(window) if c.isdigit()):
+            break
+    return tuple(found)
 
 
 _CARD = re.compile(r"(?<![\w.,-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
@@ -353,6 +363,8 @@ def _find_person(text: str) -> Iterator[tuple[int, int]]:
                 yield span
 
 
+_ANY_DIGIT = re.compile(r"\d")
+
 _DETECTORS: dict[str, Callable[[str], Iterable[tuple[int, int]]]] = {
     "email": _find_email, "phone": _find_phone, "credit_card": _find_credit_card, "iban": _find_iban,
     "us_ssn": _find_us_ssn, "ip_address": _find_ip_address, "url_credentials": _find_url_credentials,
@@ -535,7 +547,7 @@ class PiiRedactor:
 
     def find(self, text: str) -> list[Finding]:
         """Findings in ``text``, sorted by position and never overlapping."""
-        has_digits = any(c.isdigit() for c in text)
+        has_digits = _ANY_DIGIT.search(text) is not None
         kept: list[Finding] = []
         taken: list[tuple[int, int]] = []
         for kind in self.types:
