@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.text import Text
 
@@ -48,6 +48,7 @@ from domaintune.data.readers import Row, iter_rows
 from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, from_fields, key_text, make_redactor, \
     raise_bad_rows, split_field, texts
 from domaintune.errors import DataError
+from domaintune.progress import Progress
 from domaintune.recipe import Recipe
 
 CHUNK_ROWS = 256  # rows per task sent to a worker: large enough to amortise pickling

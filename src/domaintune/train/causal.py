@@ -253,7 +253,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              console: Console, description: str) -> list[str]:
     """Greedy completions of token-id prompts, batched with left padding."""
-    from rich.progress import Progress
+    from domaintune.progress import Progress
 
     model.eval()
     outputs = [""] * len(prompts)

@@ -17,8 +17,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from domaintune.progress import Progress
 from domaintune.train import distributed, fsdp
 from domaintune.train.checkpoint import (TrainState, load_checkpoint, load_trainable_state, save_checkpoint,
                                          trainable_state)
