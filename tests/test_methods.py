@@ -59,14 +59,38 @@ def test_qlora_trains_on_a_gpu(sft_recipe, tmp_path):
     assert result.tuned["perplexity"] < result.base["perplexity"]
 
 
-def test_report_to_a_missing_tracker_fails_before_loading(classification_recipe, tmp_path):
+def test_report_to_a_missing_tracker_fails_before_loading(classification_recipe, tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("mlflow") is not None:
-        pytest.skip("mlflow is installed")
+    find_spec = importlib.util.find_spec
+    # mlflow is a dev dependency: hide it, as on a machine without it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
     with pytest.raises(RecipeError, match="mlflow is not installed"):
         run(classification_recipe, overrides={"training.report_to": "mlflow"}, output_dir=tmp_path / "runs",
             register=False)
+
+
+def test_report_to_mlflow_logs_every_step_with_its_telemetry_off(classification_recipe, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")  # a dev dependency (mlflow-skinny): installed wherever the suite runs
+    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store needs no server
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    assert not MLFLOW_DISABLE_TELEMETRY.get()  # MLflow's own default (it also stays quiet under pytest and CI)
+    result = run(classification_recipe, overrides={"training.report_to": "mlflow", "training.epochs": 2},
+                 output_dir=tmp_path / "runs", register=False)
+    assert MLFLOW_DISABLE_TELEMETRY.get()
+    log = [json.loads(line) for line in (result.run_dir / "train_log.jsonl").read_text().splitlines()]
+    client = MlflowClient(tracking_uri=store)
+    [tracked] = client.search_runs(experiment_ids=["0"])
+    assert tracked.info.run_name == "tiny-intents" and tracked.data.params["learning_rate"]
+    history = client.get_metric_history(tracked.info.run_id, "loss")
+    assert [m.step for m in history] == [r["step"] for r in log]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in log])
 
 
 def test_report_to_tensorboard_logs_every_step_of_the_run(classification_recipe, tmp_path):

@@ -3,6 +3,7 @@ or TensorBoard. Both are optional packages; ``methods.check_runs_here`` says so 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,9 @@ class Tracker(Protocol):
 
 class _MlflowTracker:
     def __init__(self, name: str, params: dict[str, Any]):
+        # MLflow 3 reports usage to its makers unless told not to; a run contacts only what it was
+        # pointed at (the tracking store). MLFLOW_DISABLE_TELEMETRY=false in the environment opts in.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         self._mlflow = mlflow
@@ -47,7 +51,8 @@ class _TensorboardTracker:
 
 def open_tracker(kind: str | None, run_dir: Path, run_name: str, params: dict[str, Any]) -> Tracker | None:
     """The tracker named by ``training.report_to`` (None for none). TensorBoard writes into
-    ``run_dir/tensorboard``; MLflow into its configured tracking store (MLFLOW_TRACKING_URI)."""
+    ``run_dir/tensorboard``; MLflow into its configured tracking store (MLFLOW_TRACKING_URI), with
+    its usage telemetry off unless the environment turns it on."""
     if kind == "mlflow":
         return _MlflowTracker(run_name, params)
     if kind == "tensorboard":
