@@ -84,3 +84,29 @@ def test_workers_must_be_at_least_one(recipe, tmp_path):
     done = runner.invoke(app, ["data", "prepare", str(recipe), "-o", str(tmp_path / "out"), "--workers", "0"])
     assert done.exit_code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_streams_a_large_input_and_reports_what_the_in_memory_path_reports(recipe, streamed, monkeypatch):
+    train = recipe.parent / "data" / "train.jsonl"
+    train.write_text(train.read_text(encoding="utf-8") + '{"text": "a row without its label"}\n', encoding="utf-8")
+
+    def inspect(*flags: str) -> dict:
+        done = runner.invoke(app, ["data", "inspect", str(recipe), "--json", *flags])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout)
+
+    memory = inspect("--no-stream")
+    assert streamed == []
+    monkeypatch.setattr("domaintune.data.inspect.STREAM_FROM_BYTES", 1)  # as if the files were large
+    streaming = inspect("--workers", "2")
+    assert streamed == [2]
+    for key in ("rows_in", "kept", "dropped", "dropped_total", "pii", "dedup", "labels", "lengths", "schema", "tokens"):
+        assert streaming[key] == memory[key], key
+    # the bad row, the near duplicate and the leak, in the order of the steps, both ways
+    assert streaming["problems"] == memory["problems"]
+    lines = len(train.read_text(encoding="utf-8").splitlines())
+    assert [(p["where"], p["step"]) for p in memory["problems"]] == [
+        (f"{train}:{lines}", "validate"), (f"{train}:{lines - 1}", "dedup"), (memory["problems"][2]["where"], "leakage")]
+    assert "label" in memory["problems"][0]["reason"]
+    assert memory["tokens"]["train"]["rows"] == memory["kept"]["train"]
+    assert "processed" not in streaming  # nothing of the scratch folder is reported

@@ -33,6 +33,8 @@ def inspect(
     label_field: Annotated[str, typer.Option(help="For a data file: the label column.")] = "label",
     tokenizer: Annotated[Optional[str], typer.Option(help="Base model whose tokenizer counts tokens (default: the recipe's base_model; none for a file).")] = None,
     set_: SetOption = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the data steps in bounded memory, streaming the files through worker processes, or all in memory (default: stream inputs of 64 MiB or more).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Worker processes when streaming (default: the CPUs available).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
     """Schema, row counts, bad rows, label distribution, lengths, duplicates, PII found by type and
@@ -48,7 +50,7 @@ def inspect(
             model = load_recipe(target).base_model
         card = inspect_data(target, task=task, text_field=text_field, label_field=label_field,
                             overrides=_overrides(set_), tokenizer=_tokenizer(model, target.parent) if model else None,
-                            console=Console(stderr=True, quiet=as_json))
+                            console=Console(stderr=True, quiet=as_json), streaming=stream, workers=workers)
     except DomaintuneError as exc:
         fail(exc)
     if as_json:

@@ -3,6 +3,7 @@ stopping at bad rows (they are counted instead), plus the schema and token lengt
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -12,12 +13,13 @@ import numpy as np
 from rich.console import Console
 
 from domaintune.data.examples import SFT_SHAPES
-from domaintune.data.prepare import prepare
+from domaintune.data.prepare import STREAM_FROM_BYTES, prepare
 from domaintune.data.readers import iter_rows
 from domaintune.errors import DataError
 from domaintune.recipe import Recipe, load_recipe
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+TOKEN_SAMPLE = 100_000  # rows of each side whose tokens are counted
 
 
 def guess_task(path: Path, label_field: str) -> str:
@@ -33,11 +35,15 @@ def guess_task(path: Path, label_field: str) -> str:
 
 
 def inspect_data(target: str | Path, *, task: str | None = None, text_field: str = "text", label_field: str = "label",
-                 overrides: dict[str, Any] | None = None, tokenizer=None, console: Console | None = None) -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None, tokenizer=None, console: Console | None = None,
+                 streaming: bool | None = None, workers: int | None = None) -> dict[str, Any]:
     """Inspect a recipe (its train and eval files, as a run would prepare them) or one data file.
 
     Bad rows are counted and listed, never raised: ``on_bad_rows`` is taken as ``skip``.
-    ``tokenizer`` (optional) adds token length statistics.
+    ``tokenizer`` (optional) adds token length statistics. ``streaming`` (default: inputs of
+    ``STREAM_FROM_BYTES`` or more, as ``data prepare``) runs the steps in bounded memory through
+    ``workers`` processes, in a temporary directory. Token lengths are taken on the first
+    ``TOKEN_SAMPLE`` rows of each side.
     """
     target = Path(target).resolve()
     if target.suffix.lower() in RECIPE_SUFFIXES:
@@ -49,14 +55,29 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
             "data": {"train": str(target), "text_field": text_field, "label_field": label_field, "on_bad_rows": "skip"},
         })
         spec = load_recipe_like(spec, overrides)
-    prepared = prepare(spec, target.parent, console)
-    card = dict(prepared.card)
-    card["recipe" if target.suffix.lower() in RECIPE_SUFFIXES else "file"] = str(target)
-    card["schema"] = _schema(prepared.sources)
-    card["problems"] = [{"where": d.where, "step": d.step, "reason": d.reason} for d in prepared.dropped[:50]]
-    if tokenizer is not None:
-        card["tokens"] = {side: _token_lengths(tokenizer, examples)
-                          for side, examples in (("train", prepared.train), ("eval", prepared.eval))}
+    root = target.parent
+    if streaming is None:
+        paths = [root / p for p in (spec.data.train, spec.data.eval) if p]
+        streaming = sum(p.stat().st_size for p in paths if p.is_file()) >= STREAM_FROM_BYTES
+    with tempfile.TemporaryDirectory(prefix="domaintune-inspect-") as scratch:
+        if streaming:  # bad rows quarantined in the scratch folder, to list the first of them
+            spec = spec.model_copy(update={"data": spec.data.model_copy(update={"on_bad_rows": "quarantine"})})
+            from domaintune.data.stream import as_sequences, prepare_streaming
+
+            card, _ = prepare_streaming(spec, root, Path(scratch), console, workers)
+            card.pop("processed", None)  # files of the scratch folder
+            train, evaluation, dropped = as_sequences(Path(scratch), card, spec.task, quarantine=True)
+            sources = [root / spec.data.train, *([root / spec.data.eval] if spec.data.eval else [])]
+        else:
+            prepared = prepare(spec, root, console)
+            card, train, evaluation, dropped = dict(prepared.card), prepared.train, prepared.eval, prepared.dropped
+            sources = prepared.sources
+        card["recipe" if target.suffix.lower() in RECIPE_SUFFIXES else "file"] = str(target)
+        card["schema"] = _schema(sources)
+        card["problems"] = [{"where": d.where, "step": d.step, "reason": d.reason} for d in islice(dropped, 50)]
+        if tokenizer is not None:
+            card["tokens"] = {side: _token_lengths(tokenizer, list(islice(examples, TOKEN_SAMPLE)))
+                              for side, examples in (("train", train), ("eval", evaluation))}
     if spec.task == "sft":
         card["sft_shapes"] = list(SFT_SHAPES)
     return card
@@ -88,5 +109,5 @@ def _token_lengths(tokenizer, examples: list) -> dict[str, float]:
         return {}
     texts = ["\n".join(m["content"] for m in e.messages) if hasattr(e, "messages") else e.text for e in examples]
     lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-    return {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
+    return {"rows": len(lengths), "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
             "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}
