@@ -212,3 +212,16 @@ def test_structured_types_reach_095_on_the_labelled_set():
             continue
         assert scores[kind]["support"] >= 10, kind
         assert scores[kind]["precision"] >= 0.95 and scores[kind]["recall"] >= 0.95, (kind, scores[kind])
+
+
+def test_the_word_start_guard_on_person_cues_changes_no_match():
+    # _PERSON_CONTEXT asserts a word starting with a letter before trying its cues (for speed):
+    # that holds only while every cue and title starts that way, which this checks on the labelled set.
+    from domaintune.data import pii
+
+    unguarded = re.compile(rf"(?:{pii._BEFORE_NAME}\s*(?:{pii._TITLE})?|{pii._TITLE})(?P<v>{pii._NAME})", re.MULTILINE)
+    texts = [json.loads(line)["text"] for line in EVAL_SET.read_text(encoding="utf-8").splitlines()]
+    texts += ["Hi Anna,\nthanks", "hello Bob", "x\nhey Carla Diaz", "Dr. Emil Ferro said", "(attn: Gina Holt)"]
+    spans = lambda pattern, text: [(m.span(), m.span("v")) for m in pattern.finditer(text)]
+    assert sum(bool(spans(unguarded, t)) for t in texts) > 100
+    assert all(spans(pii._PERSON_CONTEXT, t) == spans(unguarded, t) for t in texts)
