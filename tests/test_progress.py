@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from rich.console import Console
-from rich.progress import MofNCompleteColumn, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from domaintune.progress import Progress
 
@@ -25,6 +25,15 @@ def test_a_log_file_gets_progress_lines_while_the_work_runs():
     seen = _work(Console(file=io.StringIO(), width=80), every=0.0)
     assert [text.count("\n") for text in seen] == [1, 2, 3, 4]
     assert seen[1].splitlines() == ["data: duplicates 1/4", "data: duplicates 2/4"]
+
+
+def test_a_log_line_keeps_long_counts_whole():
+    console = Console(file=io.StringIO())  # no terminal: rich assumes 80 columns
+    with Progress(TextColumn("data: {task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  every=0.0) as bars:
+        task = bars.add_task("train: a-file-with-a-long-name-of-a-gigabyte.jsonl", total=4_738_453)
+        bars.advance(task, 218_112)
+        assert "218112/4738453" in console.file.getvalue()
 
 
 def test_lines_come_no_more_often_than_asked():

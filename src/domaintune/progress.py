@@ -40,4 +40,6 @@ class Progress(progress.Progress):
         self._printed[task_id] = now
         with self._lock:
             task = self._tasks[task_id]
+        # rich assumes 80 columns without a terminal, which cuts the counts short; a log line may be longer
+        self.console.width = max(self.console.width, 160)
         self.console.print(self.make_tasks_table([task]))
