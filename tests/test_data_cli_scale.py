@@ -97,7 +97,7 @@ def test_inspect_streams_a_large_input_and_reports_what_the_in_memory_path_repor
 
     memory = inspect("--no-stream")
     assert streamed == []
-    monkeypatch.setattr("domaintune.data.inspect.STREAM_FROM_BYTES", 1)  # as if the files were large
+    monkeypatch.setattr("domaintune.data.prepare.STREAM_FROM_BYTES", 1)  # as if the files were large
     streaming = inspect("--workers", "2")
     assert streamed == [2]
     for key in ("rows_in", "kept", "dropped", "dropped_total", "pii", "dedup", "labels", "lengths", "schema", "tokens"):

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from domaintune.data.examples import SFT_SHAPES
-from domaintune.data.prepare import STREAM_FROM_BYTES, prepare
+from domaintune.data.prepare import large_inputs, prepare
 from domaintune.data.readers import iter_rows
 from domaintune.errors import DataError
 from domaintune.recipe import Recipe, load_recipe
@@ -57,8 +57,7 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
         spec = load_recipe_like(spec, overrides)
     root = target.parent
     if streaming is None:
-        paths = [root / p for p in (spec.data.train, spec.data.eval) if p]
-        streaming = sum(p.stat().st_size for p in paths if p.is_file()) >= STREAM_FROM_BYTES
+        streaming = large_inputs(spec, root)
     with tempfile.TemporaryDirectory(prefix="domaintune-inspect-") as scratch:
         if streaming:  # bad rows quarantined in the scratch folder, to list the first of them
             spec = spec.model_copy(update={"data": spec.data.model_copy(update={"on_bad_rows": "quarantine"})})

@@ -178,6 +178,13 @@ def _split(pool: list[Example], spec: Recipe) -> tuple[list[Example], list[Examp
     return holdout_split(pool, s.eval_fraction, seed, key=key)
 
 
+def large_inputs(spec: Recipe, root: Path) -> bool:
+    """Whether the recipe's data files together hold ``STREAM_FROM_BYTES`` or more: the default
+    for preparing them in bounded memory."""
+    paths = [root / p for p in (spec.data.train, spec.data.eval) if p]
+    return sum(p.stat().st_size for p in paths if p.is_file()) >= STREAM_FROM_BYTES
+
+
 def prepare_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir: str | Path | None = None,
                    console: Console | None = None, *, streaming: bool | None = None,
                    workers: int | None = None) -> tuple[Path, PreparedData]:
@@ -199,8 +206,7 @@ def prepare_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None, 
     directory = Path(output_dir)
     quarantine = spec.data.on_bad_rows == "quarantine"
     if streaming is None:
-        paths = [root / p for p in (spec.data.train, spec.data.eval) if p]
-        streaming = sum(p.stat().st_size for p in paths if p.is_file()) >= STREAM_FROM_BYTES
+        streaming = large_inputs(spec, root)
     if not streaming:
         prepared = prepare(spec, root, console)
         write_prepared(prepared, directory, quarantine=quarantine)

@@ -61,8 +61,8 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
     ``setting`` is the recipe's ``training.speed``: ``auto`` or ``off``. A GPU is used whenever one
     is visible (``off`` only leaves out the kernels); quantised bases (qlora) keep their own dtype.
     ``checkpointing`` (``training.activation_checkpointing``) holds on every machine. ``fsdp``
-    (several processes, ``training.distributed: fsdp``) trains a sharded copy in bfloat16 on the
-    GPU, without Liger and the fused loss (FSDP gathers a unit's weights only when the unit runs
+    (several processes, ``training.distributed: fsdp``) trains a sharded copy on the GPU (float32
+    shards gathered in bfloat16, see ``train.fsdp``), without Liger and the fused loss (FSDP gathers a unit's weights only when the unit runs
     through its own forward, which the fused loss and Liger's patched forwards bypass).
     """
     if not torch.cuda.is_available():
