@@ -123,3 +123,15 @@ def test_fsdp_is_refused_where_it_cannot_shard(request, recipe_fixture, override
     recipe = request.getfixturevalue(recipe_fixture)
     with pytest.raises(RecipeError, match=message):
         load_recipe(recipe, {**overrides, "training.distributed": "fsdp"})
+
+
+def test_the_fsdp_memory_benchmark_runs_both_ways():
+    """bench/fsdp_memory.py on a small model: both ways of sharding give the model's weights (it
+    checks them) and it prints its table (the numbers themselves are in bench/README.md)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "fsdp_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--hidden", "128", "--layers", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.split()[:1] in (["plain"], ["domaintune"])}
+    assert set(rows) == {"plain", "domaintune"} and all(len(v) == 2 for v in rows.values())
+    assert "sharding: domaintune/plain" in done.stdout

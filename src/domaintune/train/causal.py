@@ -18,7 +18,6 @@ from domaintune.train import distributed, fsdp
 from domaintune.train.batching import length_grouped_batches, pad_right
 from domaintune.train.loop import LoopConfig, param_groups, seed_everything, train_loop
 from domaintune.train.packing import IGNORE, pack_rows, packing_honoured, row_attention
-from domaintune.train.checkpoint import load_trainable_state, trainable_state
 from domaintune.train.speed import SpeedPlan, decoder_layers, hidden_and_head, linear_cross_entropy
 
 # Used only when a tokenizer has no chat template of its own (plain base models).
@@ -220,7 +219,7 @@ def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size
     log = train_loop(trained, groups, batches_for_epoch, loss_fn, loop, console, description,
                      eval_loss=eval_loss if eval_rows else None)
     if trained is not model:  # every process gathers; the caller's model gets the whole weights
-        load_trainable_state(model, fsdp.whole(trainable_state(trained)))
+        fsdp.gather_into(model, trained)
     return log
 
 

@@ -71,8 +71,9 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     with ``write`` write the file."""
     path = directory / CHECKPOINT_FILE
     if fsdp.is_sharded(model):
-        weights, optimizer_state = fsdp.whole(trainable_state(model)), fsdp.full_optimizer_state(model, optimizer)
-        best_weights = fsdp.whole(best_weights) if best_weights is not None else None
+        weights = fsdp.whole(trainable_state(model), keep=write)
+        optimizer_state = fsdp.full_optimizer_state(model, optimizer)  # whole in rank 0 only
+        best_weights = fsdp.whole(best_weights, keep=write) if best_weights is not None else None
     else:
         weights, optimizer_state = trainable_state(model), optimizer.state_dict()
     if not write:
