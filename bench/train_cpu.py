@@ -8,7 +8,7 @@ which pads each random batch to its longest row. Each side runs in its own proce
 that process's); both are scored by the same held-out loss (mean NLL of the answer tokens).
 
     python bench/train_cpu.py                  # 32 training rows, 16 held out, 1 epoch
-    python bench/train_cpu.py --rows 64 --sides hf,domaintune,domaintune-padded
+    python bench/train_cpu.py --rows 64 --sides hf,domaintune,domaintune-padded,domaintune-off
 
 Throughput counts real tokens only: the rows' own tokens, not padding.
 """
@@ -81,6 +81,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     from domaintune.pipeline import quiet_libraries
     from domaintune.train.causal import perplexity, train_causal
     from domaintune.train.loop import LoopConfig
+    from domaintune.train.speed import accelerated, plan_speed
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
@@ -95,8 +96,11 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     if side.startswith("domaintune"):
         loop = LoopConfig(epochs=args.epochs, learning_rate=args.lr, weight_decay=0.01, warmup_ratio=0.1,
                           max_grad_norm=1.0, seed=args.seed, checkpoint_every=0)
-        train_causal(model, tokenizer, train, loop=loop, batch_size=args.batch_size, console=Console(quiet=True),
-                     description="train", packing=side == "domaintune")
+        # what a run on this machine gets with training.speed auto (or off)
+        plan = plan_speed("off" if side == "domaintune-off" else "auto", model.config.model_type, "lora")
+        with accelerated(model, plan):
+            train_causal(model, tokenizer, train, loop=loop, batch_size=args.batch_size, console=Console(quiet=True),
+                         description="train", packing=side != "domaintune-padded", speed=plan)
     else:
         _train_hf(model, tokenizer, train, args)
     wall = time.perf_counter() - started
@@ -130,7 +134,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sides", default="hf,domaintune", help="hf, domaintune (packed), domaintune-padded")
+    parser.add_argument("--sides", default="hf,domaintune", help="hf, domaintune (packed), domaintune-padded, domaintune-off (training.speed: off: nn.Dropout)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # the child process's side
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/domaintune-bench"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -11,8 +11,9 @@ On a CUDA GPU, ``auto`` trains causal LMs in bfloat16 on the GPU with:
   checkpointing of a share of the layers (``training.activation_checkpointing``).
 The kernels are in place only inside ``accelerated(model, plan)``.
 ``off`` keeps the plain Hugging Face path on the same device and dtype, as the baseline of
-``bench/gpu_train.py``. On a machine without a GPU nothing here changes the run: the model stays on
-the CPU in float32 and the loss takes the plain path (the CPU has no kernels to gain from).
+``bench/gpu_train.py``. On a machine without a GPU the model stays on the CPU in float32 and the
+loss takes the plain path (the CPU has no kernels to gain from); ``auto`` only draws dropout masks
+more cheaply there (``train.dropout``), which the CPU's slow random numbers make worth it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from domaintune.train.dropout import sparse_dropout
 
 # Architectures whose layers Liger's instance patcher rewrites (liger_kernel.transformers.monkey_patch).
 LIGER_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
@@ -45,6 +48,9 @@ class SpeedPlan:
     # Train a copy sharded across the processes (``train.fsdp``); the model itself stays on the CPU
     # and gets the trained weights back.
     fsdp: bool = False
+    # Dropout drawing only the positions it drops (``train.dropout``): the CPU's random numbers
+    # are slow, a GPU's dropout is one fused kernel already.
+    sparse_dropout: bool = True
 
     def describe(self) -> dict:
         return asdict(self)
@@ -66,17 +72,19 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
     through its own forward, which the fused loss and Liger's patched forwards bypass).
     """
     if not torch.cuda.is_available():
-        return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp)
+        return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp, sparse_dropout=setting != "off")
     bf16 = torch.cuda.is_bf16_supported()
     if fsdp:
-        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True)
+        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True,
+                         sparse_dropout=False)
     if setting == "off":
-        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False)
+        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False,
+                         sparse_dropout=False)
     # Liger's autograd functions broke torch.compile's tracing (dynamo, torch 2.11): one or the other
     liger = (importlib.util.find_spec("liger_kernel") is not None and model_type in LIGER_ARCHITECTURES
              and method != "qlora" and not compile_layers)
     return SpeedPlan(device="cuda", bf16=bf16, liger=liger, fused_loss=True, compile_layers=compile_layers,
-                     checkpointing=checkpointing, pack_mixed_lengths=False)
+                     checkpointing=checkpointing, pack_mixed_lengths=False, sparse_dropout=False)
 
 
 def place(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
@@ -106,7 +114,8 @@ def accelerated(model: torch.nn.Module, plan: SpeedPlan) -> Iterator[torch.nn.Mo
         for layer in layers:
             layer.compile(dynamic=True)
     try:
-        yield model
+        with sparse_dropout(model) if plan.sparse_dropout else nullcontext():
+            yield model
     finally:
         if plan.compile_layers:
             for layer in layers:
