@@ -111,7 +111,10 @@ def test_report_to_tensorboard_logs_every_step_of_the_run(classification_recipe,
 def test_classification_methods_train_and_reload(classification_recipe, tmp_path, method):
     from domaintune.train.classification import load_classifier, predict_proba
 
-    result = run(classification_recipe, overrides={"method": method}, output_dir=tmp_path / "runs", register=False)
+    # IA3's scaling vectors barely move the tiny random encoder at the recipe's 1e-2 (its loss went
+    # up or down by under 0.03 by the seed, both ways of drawing dropout); at 1e-1 it fell by 0.07-0.15
+    overrides = {"method": method, **({"training.learning_rate": 1e-1} if method == "ia3" else {})}
+    result = run(classification_recipe, overrides=overrides, output_dir=tmp_path / "runs", register=False)
     assert _loss_went_down(result.run_dir)
     saved = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "IA3" if method == "ia3" else saved["use_dora"]

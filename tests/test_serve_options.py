@@ -1,4 +1,4 @@
-"""OpenAI's ``stop``, ``n``, ``seed`` and ``logprobs`` request fields: the official openai client
+"""OpenAI's ``stop``, ``n``, ``seed``, ``logprobs``, penalties and ``logit_bias`` request fields: the official openai client
 against a real server process on a tiny random Llama, with log-probs checked against the same
 model run here; plus the stop-string text handling on its own, and batching of mixed settings."""
 
@@ -206,6 +206,70 @@ def test_completion_logprobs_in_the_legacy_shape(client, tiny_llama):
         assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
 
 
+# -- penalties and logit_bias -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, ids: list[int], steps: int, adjust) -> list[tuple[str, float]]:
+    """Greedy tokens after ``ids`` with ``adjust(logits, counts of the tokens generated so far)``,
+    up to a stop token, as the server is to choose them: each token's text (special tokens have
+    none) and its log-prob in the adjusted distribution."""
+    from domaintune.train.causal import stop_token_ids
+
+    out, chosen = [], []
+    for _ in range(steps):
+        logits = model(torch.tensor([ids + out])).logits[0, -1]
+        adjusted = adjust(logits, torch.bincount(torch.tensor(out, dtype=torch.long), minlength=len(logits)))
+        token = int(adjusted.argmax())
+        if token in stop_token_ids(model, tokenizer):
+            break
+        out.append(token)
+        chosen.append((tokenizer.decode([token], skip_special_tokens=True),
+                       round(float(adjusted.float().log_softmax(-1)[token]), 3)))
+    return chosen
+
+
+def _served(reply) -> list[tuple[str, float]]:
+    return [(t.token.strip(), round(t.logprob, 3)) for t in reply.choices[0].logprobs.content]
+
+
+def test_frequency_and_presence_penalties_choose_what_openai_describes(client, base, tiny_llama):
+    model, tokenizer = base
+    ids = _prompt_ids(tokenizer, QUESTION)
+    plain = _greedy(model, tokenizer, ids, 8, lambda logits, counts: logits)
+    # the random model repeats itself: what the penalties act on
+    assert len({token for token, _ in plain}) < len(plain), plain
+    for frequency, presence in ((2.0, 0.0), (0.0, 2.0), (0.5, -1.0)):
+        expected = _greedy(model, tokenizer, ids, 8, lambda logits, counts: logits - frequency * counts
+                           - presence * (counts > 0))
+        reply = chat(client, tiny_llama.name, temperature=0, logprobs=True, frequency_penalty=frequency,
+                     presence_penalty=presence)
+        assert _served(reply) == expected
+        if presence >= 0:  # fewer repeats
+            assert len({token for token, _ in expected}) > len({token for token, _ in plain})
+    unchanged = chat(client, tiny_llama.name, temperature=0, logprobs=True, frequency_penalty=0, presence_penalty=0)
+    assert _served(unchanged) == plain
+
+
+@torch.no_grad()
+def test_logit_bias_forces_and_bans_tokens(client, base, tiny_llama):
+    model, tokenizer = base
+    ids = _prompt_ids(tokenizer, QUESTION)
+    first = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    sky = tokenizer.get_vocab()["sky"]
+    forced = chat(client, tiny_llama.name, temperature=0, logprobs=True, logit_bias={str(sky): 100})
+    assert [token for token, _ in _served(forced)] == ["sky"] * 8
+    assert all(t.logprob > -1e-3 for t in forced.choices[0].logprobs.content)  # the biased distribution's
+    bias = {first: -100.0, sky: 2.0}
+    expected = _greedy(model, tokenizer, ids, 8, lambda logits, counts: logits.index_add(
+        0, torch.tensor(list(bias)), torch.tensor(list(bias.values()))))
+    banned = chat(client, tiny_llama.name, temperature=0, logprobs=True, logit_bias={str(k): v for k, v in bias.items()})
+    assert _served(banned) == expected
+    assert expected[0][0] != tokenizer.decode([first], skip_special_tokens=True)
+    sampled = chat(client, tiny_llama.name, n=3, logit_bias={str(sky): 100}, **SAMPLED)
+    assert {c.message.content for c in sampled.choices} == {forced.choices[0].message.content}
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 
@@ -216,6 +280,12 @@ def test_completion_logprobs_in_the_legacy_shape(client, tiny_llama):
     ({"n": 9}, "n"),
     ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"sky": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": True}}, "logit_bias"),
+    ({"logit_bias": {"99999": -100}}, "logit_bias"),  # past the vocabulary
 ])
 def test_invalid_chat_options_are_400_naming_the_parameter(client, options, param):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -228,6 +298,15 @@ def test_invalid_completion_logprobs_are_400(client, logprobs):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="colours", prompt="sky", max_tokens=2, logprobs=logprobs)
     assert refused.value.body["param"] == "logprobs"
+
+
+def test_echo_and_best_of_are_refused_rather_than_ignored(client):
+    """Ignored, they would change what the client reads the answer as."""
+    for options, param in (({"echo": True}, "echo"), ({"best_of": 3}, "best_of")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="colours", prompt="sky", max_tokens=2, **options)
+        assert refused.value.body["param"] == param and "not supported" in refused.value.body["message"]
+    assert client.completions.create(model="colours", prompt="sky", max_tokens=2, echo=False, best_of=1).choices
 
 
 def test_logprobs_refused_where_answers_are_redacted(colour_run, tmp_path):
@@ -247,7 +326,8 @@ def test_mixed_options_share_batches_and_answer_as_alone(colour_run, tiny_llama)
     bodies = [{"model": name, "messages": QUESTION, "max_tokens": 6, **options}
               for name in ("colours", tiny_llama.name)
               for options in ({"temperature": 0}, {"temperature": 0, "stop": " "}, {"temperature": 0, "n": 2},
-                              {"temperature": 0, "logprobs": True, "top_logprobs": 2}, {**SAMPLED, "n": 2})]
+                              {"temperature": 0, "logprobs": True, "top_logprobs": 2}, {**SAMPLED, "n": 2},
+                              {"temperature": 0, "frequency_penalty": 1.5, "logit_bias": {"5": 3}})]
 
     async def ask(concurrently: bool) -> list[dict]:
         transport = httpx.ASGITransport(app=app)

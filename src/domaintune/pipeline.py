@@ -7,6 +7,7 @@ import json
 import secrets
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -236,6 +237,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
                         timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
                                                  predict_proba, save_classifier, train_classifier)
+    from domaintune.train.dropout import sparse_dropout
 
     labels = data.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -272,9 +274,10 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
-    log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
-                           batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
-                           eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])
+    with sparse_dropout(model) if spec.training.speed == "auto" else nullcontext():  # classification trains on the CPU
+        log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
+                               batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
+                               eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])
     if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
         distributed.leave()
     timings["train_s"] = time.perf_counter() - clock

@@ -126,7 +126,8 @@ class TrainingConfig(_Section):
     speed: Literal["auto", "off"] = Field(
         "auto", description="sft/pretrain on a CUDA GPU: auto trains in bfloat16 with Liger's kernels (when "
                             "installed) and a loss that never materialises the logits; off keeps the plain path. "
-                            "No effect on a CPU.")
+                            "On a CPU (every task) auto only draws dropout masks more cheaply (the same masks in "
+                            "distribution).")
     activation_checkpointing: float = Field(
         0.0, ge=0, le=1, description="The fraction of decoder layers whose activations are recomputed in the "
                                      "backward pass instead of kept: less memory for longer sequences, more time.")

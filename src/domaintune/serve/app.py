@@ -111,9 +111,14 @@ class Server:
         if body.alternatives is not None and self.redactor is not None:
             raise ApiError(400, "this server redacts answers, and log-probs would show the tokens it redacts",
                            param="logprobs")
+        unknown = [t for t in body.logit_bias if t >= len(served.tokenizer)]
+        if unknown:
+            raise ApiError(400, f"token {unknown[0]} is not in the vocabulary of {body.model!r} "
+                           f"({len(served.tokenizer)} tokens)", param="logit_bias")
         row = Row(prompt_ids=prompt_ids, max_new_tokens=min(asked or self.config.max_tokens, room),
                   adapter=served.adapter, temperature=body.temperature, top_p=body.top_p,
-                  logprobs=body.alternatives)
+                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                  logit_bias=body.logit_bias, logprobs=body.alternatives)
         if body.temperature == 0:
             return [row]
         return [replace(row, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]

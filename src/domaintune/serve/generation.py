@@ -33,6 +33,9 @@ class Row:
     adapter: str | None = None  # None: the base model
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    presence_penalty: float = 0.0  # taken from a token's logit once the answer has it
+    frequency_penalty: float = 0.0  # taken from a token's logit for each time the answer has it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
     seed: int | None = None  # sampling: None draws a fresh one
     logprobs: int | None = None  # None: none; k: the chosen token's log-prob and the k most likely
     cancelled: Callable[[], bool] = lambda: False  # the client went away or has all it wants: stop early
@@ -53,12 +56,14 @@ class _RowDecoding(LogitsProcessor):
     """Chooses each row's next token and records its log-probs; returns scores that leave only
     that token, so that ``generate``'s own greedy pick takes it.
 
-    Log-probs are those of the distribution after temperature (the model's own for greedy rows),
-    before nucleus truncation: tokens outside the nucleus keep a finite log-prob.
+    Log-probs are those of the distribution the token is chosen from: after the row's penalties,
+    logit biases and temperature (the model's own for greedy rows without them), before nucleus
+    truncation: tokens outside the nucleus keep a finite log-prob.
     """
 
-    def __init__(self, rows: list[Row]):
+    def __init__(self, rows: list[Row], width: int):
         self.rows = rows
+        self.width = width  # the left-padded prompts' length: what follows is generated
         self.temperature = torch.tensor([r.temperature or 1.0 for r in rows]).unsqueeze(1)
         self.generators: list[torch.Generator | None] | None = None
         self.want = max((r.logprobs for r in rows if r.logprobs is not None), default=None)
@@ -68,7 +73,7 @@ class _RowDecoding(LogitsProcessor):
         if self.generators is None:  # on the first step, where the scores' device is known
             self.generators = [self._generator(r, scores.device) for r in self.rows]
             self.temperature = self.temperature.to(scores.device)
-        scaled = scores.float() / self.temperature
+        scaled = self._adjusted(input_ids, scores.float()) / self.temperature
         chosen = scaled.argmax(-1)
         for i, generator in enumerate(self.generators):
             if generator is not None:
@@ -84,6 +89,21 @@ class _RowDecoding(LogitsProcessor):
                                top.values.clamp(min=LOGPROB_FLOOR).cpu(), top.indices.cpu()))
         only = torch.full_like(scores, float("-inf"))
         return only.scatter_(1, chosen[:, None], 0.0)
+
+    def _adjusted(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's logits with OpenAI's presence and frequency penalties (counted over the
+        tokens generated so far, as OpenAI and vLLM count them) and its logit biases."""
+        if not any(r.presence_penalty or r.frequency_penalty or r.logit_bias for r in self.rows):
+            return scores
+        scores = scores.clone()
+        for i, row in enumerate(self.rows):
+            if row.presence_penalty or row.frequency_penalty:
+                counts = torch.bincount(input_ids[i, self.width:], minlength=scores.shape[1])[:scores.shape[1]]
+                scores[i] -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0)
+            if row.logit_bias:
+                ids = torch.tensor(list(row.logit_bias), device=scores.device)
+                scores[i, ids] += torch.tensor(list(row.logit_bias.values()), device=scores.device)
+        return scores
 
     @staticmethod
     def _generator(row: Row, device: torch.device) -> torch.Generator | None:
@@ -170,7 +190,7 @@ def generate_rows(model, rows: list[Row], *, pad_id: int, stop_ids: list[int],
     extra = {}
     if hasattr(model, "peft_config"):
         extra["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
-    decoding = _RowDecoding(rows)
+    decoding = _RowDecoding(rows, width)
     # _RowDecoding leaves one token per row, so generate's greedy pick is the row's choice (and the
     # model's own sampling defaults stay out of the way)
     model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max(r.max_new_tokens for r in rows),

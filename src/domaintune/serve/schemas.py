@@ -1,5 +1,7 @@
 """Request bodies in OpenAI's shape (fields this server does not use are accepted and ignored,
-as clients send them), plus the classify and feedback bodies of this API."""
+as clients send them, except where ignoring one would change what the answer means: completions'
+``echo`` and ``best_of`` are refused unless at their defaults), plus the classify and feedback
+bodies of this API."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_CHOICES = 8  # the largest n
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
+MAX_LOGIT_BIAS = 100.0  # the largest bias either way, as OpenAI allows
 
 
 class _Request(BaseModel):
@@ -29,6 +32,9 @@ class _Sampling(_Request):
     model: str
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> bias added to its logit
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     seed: int | None = None  # sampled choice i uses seed + i: the same seed gives the same answers
     stop: list[str] = Field(default_factory=list)  # a string or up to 4; the answer ends before the first
@@ -48,6 +54,23 @@ class _Sampling(_Request):
         if "" in stops:
             raise ValueError("a stop string cannot be empty")
         return stops
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_biases(cls, value: Any) -> dict[int, float]:
+        # here rather than by the type, so that every error names the parameter "logit_bias"
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("give an object mapping token ids to biases, such as {\"50256\": -100}")
+        biases = {}
+        for key, bias in value.items():
+            if not str(key).isdigit():
+                raise ValueError(f"{key!r} is not a token id")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} must be a number from -100 to 100")
+            biases[int(key)] = float(bias)
+        return biases
 
 
 class ChatCompletionRequest(_Sampling):
@@ -78,6 +101,22 @@ class CompletionRequest(_Sampling):
     prompt: str
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)  # strict: true is no count
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:  # refused rather than ignored: the client would read the answer as prompt + answer
+            raise ValueError("not supported by this server: the answer never repeats the prompt")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("not supported by this server: ask for n choices with logprobs and rank them")
+        return value
 
     @property
     def token_limit(self) -> int | None:
