@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -69,13 +68,14 @@ def _plain_gather_into(model, sharded) -> None:
     model.load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
 
 
-def _worker(rank: int, world: int, port: int, variant: str, args: dict, out: str) -> None:
+def _worker(rank: int, world: int, variant: str, args: dict, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from domaintune.train import fsdp
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file, not a port: nothing else on the machine can take it between choosing and binding
+    dist.init_process_group("gloo", init_method=f"file://{out}/{variant}.rendezvous", rank=rank, world_size=world)
     config = LlamaConfig(hidden_size=args["hidden"], intermediate_size=args["hidden"] * 11 // 4,
                          num_hidden_layers=args["layers"], num_attention_heads=16, num_key_value_heads=8,
                          vocab_size=32000, tie_word_embeddings=True)
@@ -99,12 +99,6 @@ def _worker(rank: int, world: int, port: int, variant: str, args: dict, out: str
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
@@ -114,7 +108,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as out:
         for variant in ("plain", "domaintune"):
-            mp.spawn(_worker, args=(args.processes, _free_port(), variant, vars(args), out), nprocs=args.processes)
+            mp.spawn(_worker, args=(args.processes, variant, vars(args), out), nprocs=args.processes)
             results = [json.load(open(f"{out}/{variant}-{r}.json")) for r in range(args.processes)]
             rows[variant] = {key: max(r[key] for r in results) for key in results[0]}
     print(f"{args.processes} processes, Llama hidden {args.hidden} x {args.layers} layers, "

@@ -3,6 +3,7 @@ one sharded copy of the model and write the run of a one-process run with the sa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,9 @@ def test_full_fine_tuning_sharded_over_two_processes_equals_one_process(sft_reci
     assert len(runs) == 1 and not runs[0].name.startswith("."), runs  # one run, nothing half-written
     assert (runs[0] / "metrics.json").is_file()
     _assert_same_weights(_weights(runs[0], "full"), _weights(alone.run_dir, "full"))
+    # lineage records how each was trained
+    sharded, single = (json.loads((r / "lineage.json").read_text())["training"] for r in (runs[0], alone.run_dir))
+    assert (sharded["processes"], sharded["fsdp"], single["processes"], single["fsdp"]) == (2, True, 1, False)
 
 
 def test_a_sharded_run_killed_mid_training_resumes_to_the_weights_of_one_process(sft_recipe, tmp_path):
@@ -133,5 +137,5 @@ def test_the_fsdp_memory_benchmark_runs_both_ways():
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.split()[:1] in (["plain"], ["domaintune"])}
-    assert set(rows) == {"plain", "domaintune"} and all(len(v) == 2 for v in rows.values())
-    assert "sharding: domaintune/plain" in done.stdout
+    assert set(rows) == {"plain", "domaintune"} and all(len(v) == 2 for v in rows.values()), done.stdout
+    assert "sharding: domaintune/plain" in done.stdout, done.stdout

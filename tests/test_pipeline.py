@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from domaintune import catalog, run
@@ -38,6 +39,9 @@ def _check_run_dir(result, task: str, method: str) -> dict:
         assert entry["sha256"] == sha256_file(run_dir / entry["file"])
     assert lineage["base_model"]["files"], "base weights must be hashed"
     assert lineage["libraries"]["torch"]
+    assert lineage["training"]["processes"] == 1 and lineage["training"]["sparse_dropout"] is (
+        task == "classification" or not torch.cuda.is_available())  # the recipes' speed: auto
+    assert lineage["machine"]["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     quarter = max(1, len(log) // 4)

@@ -54,6 +54,7 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)  # significance, calibration, slices, bias
     gates: list[dict[str, Any]] = field(default_factory=list)
     registered: str | None = None  # "name:version" in the registry
+    training: dict[str, Any] = field(default_factory=dict)  # device, processes, speed plan: into lineage.json
 
     @property
     def passed(self) -> bool:
@@ -138,7 +139,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         timings["total_s"] = time.perf_counter() - clock
         pairs = staging / "preference" / "pairs.jsonl"  # trained on too, when an update brings preference pairs
         processed = [*processed, pairs] if pairs.is_file() else processed
-        lineage = build_lineage(spec, recipe_path, data.sources, processed, base, staging / "adapter", run_id, timings)
+        lineage = build_lineage(spec, recipe_path, data.sources, processed, base, staging / "adapter", run_id, timings,
+                                result.training)
         (staging / "lineage.json").write_text(json.dumps(lineage, indent=2), encoding="utf-8")
         write_model_card(staging)
         write_report(staging / "report.html", spec, metrics, result.samples, train_log)
@@ -274,6 +276,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
+    training = {"device": "cpu", "processes": distributed.world_size(), "sparse_dropout": spec.training.speed == "auto"}
     with sparse_dropout(model) if spec.training.speed == "auto" else nullcontext():  # classification trains on the CPU
         log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                                batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
@@ -297,7 +300,8 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     samples = [{"where": e.where, "text": e.text, "label": e.label, "base": b, "tuned": t,
                 "base_confidence": float(bp.max()), "tuned_confidence": float(p.max()), "meta": e.meta}
                for e, b, t, bp, p in zip(evaluation, base_pred, tuned_pred, base_proba, proba)]
-    result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples)
+    result = RunResult(run_dir, spec.task, len(evaluation), len(data.train), base_metrics, tuned_metrics, samples,
+                       training=training)
     result.intervals, result.extra = compared.intervals, compared.extra
     if bias:
         result.extra["bias"] = bias
@@ -361,6 +365,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
                       checkpointing=spec.training.activation_checkpointing,
                       fsdp=spec.training.distributed == "fsdp" and distributed.world_size() > 1)
+    training = {"processes": distributed.world_size(), **plan.describe()}
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
     if init_from is not None:  # an update continues from that run's weights
         from domaintune.update.warm_start import continue_causal
@@ -398,7 +403,8 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                    for e, r, b, t, eb, et, rb, rt in zip(evaluation, references, base_out, tuned_out,
                                                          base_scores["exact_match"], tuned_scores["exact_match"],
                                                          base_scores["rouge_l"], tuned_scores["rouge_l"])]
-    result = RunResult(run_dir, spec.task, len(evaluation), len(clean_train), base_metrics, tuned_metrics, samples)
+    result = RunResult(run_dir, spec.task, len(evaluation), len(clean_train), base_metrics, tuned_metrics, samples,
+                       training=training)
     compared = compare_generation(base_scores, tuned_scores)
     result.intervals, result.extra = compared.intervals, compared.extra
     clock = time.perf_counter()

@@ -13,7 +13,7 @@ from rich.table import Table
 from domaintune.cli.common import err, fail, out
 from domaintune.errors import DomaintuneError
 
-data_app = typer.Typer(help="Look at data before training, and prepare it (validate, clean, redact PII, deduplicate, split).",
+data_app = typer.Typer(rich_markup_mode="markdown", help="Look at data before training, and prepare it (validate, clean, redact PII, deduplicate, split).",
                        no_args_is_help=True)
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set data.dedup.threshold=0.9 (repeatable).")]
@@ -37,9 +37,11 @@ def inspect(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Worker processes when streaming (default: the CPUs available).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
-    """Schema, row counts, bad rows, label distribution, lengths, duplicates, PII found by type and
-    train/eval leakage: what a run would do to the data, without training. Bad rows are counted,
-    not fatal."""
+    """What a run would do to the data, without training.
+
+    Schema, row counts, bad rows, label distribution, lengths, duplicates, PII found by type and
+    train/eval leakage. Bad rows are counted, not fatal.
+    """
     from domaintune.data.inspect import RECIPE_SUFFIXES, inspect_data
 
     try:
@@ -127,15 +129,17 @@ def _print_card(card: dict) -> None:
 @data_app.command("prepare")
 def prepare(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Directory to write (default: <output_dir>/<name>/data-<time> next to the recipe).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Directory to write (default: \\<output_dir>/\\<name>/data-\\<time> next to the recipe).")] = None,
     set_: SetOption = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Prepare in bounded memory, streaming the files through worker processes, or all in memory (default: stream inputs of 64 MiB or more).", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Worker processes when streaming (default: the CPUs available).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the data card as JSON and nothing else.")] = False,
 ) -> None:
-    """Write the processed train/eval data (data/train.jsonl, data/eval.jsonl, and
-    data/quarantine.jsonl with on_bad_rows: quarantine) and the data card (data_card.md,
-    data_card.json): the same code `domaintune run` uses."""
+    """Write the processed train/eval data and the data card, as `domaintune run` would.
+
+    Writes data/train.jsonl, data/eval.jsonl (and data/quarantine.jsonl with on_bad_rows:
+    quarantine), data_card.md and data_card.json, with the same code `domaintune run` uses.
+    """
     from domaintune.data.prepare import prepare_recipe
 
     try:

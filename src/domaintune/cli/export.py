@@ -18,10 +18,12 @@ def export(
                                                               "for llama.cpp and Ollama.")] = None,
     gguf_type: Annotated[str, typer.Option("--gguf-type", help="f16 (default), f32, or q8_0 (8-bit).")] = "f16",
 ) -> None:
-    """Write the run's base model with its adapter merged in: with --merged as safetensors,
-    tokenizer and chat template, loadable by plain transformers (AutoModelForCausalLM; for
-    classifiers the encoder as AutoModel, plus head.safetensors and classifier.json); with --gguf
-    as one GGUF file with the tokenizer and chat template."""
+    """Write the run's base model with its adapter merged in (safetensors or GGUF).
+
+    With --merged as safetensors, tokenizer and chat template, loadable by plain transformers
+    (AutoModelForCausalLM; for classifiers the encoder as AutoModel, plus head.safetensors and
+    classifier.json); with --gguf as one GGUF file with the tokenizer and chat template.
+    """
     from domaintune.pipeline import quiet_libraries
     from domaintune.train.export import export_gguf, export_merged
 

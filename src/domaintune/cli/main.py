@@ -22,12 +22,13 @@ from domaintune.cli.registry import registry_app
 from domaintune.errors import DomaintuneError
 
 app = typer.Typer(
+    rich_markup_mode="markdown",  # joins the lines of a docstring paragraph, as a paragraph
     help="Turn a general foundation model into a domain specialist: fine-tune on your data and prove it beats the base.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="The catalog of packaged base models.", invoke_without_command=True)
+models_app = typer.Typer(rich_markup_mode="markdown", help="The catalog of packaged base models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
@@ -140,8 +141,10 @@ def quickstart(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of run summaries.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Fine-tune the packaged models on the shipped example data and compare with the base:
-    support-ticket intents on minilm-l6, then clinical-note triage on smollm2-135m-instruct."""
+    """Fine-tune the packaged models on the shipped example data and compare with the base.
+
+    Support-ticket intents on minilm-l6, then clinical-note triage on smollm2-135m-instruct.
+    """
     names = QUICKSTART_RECIPES if only is None else (only,)
     if only is not None and only not in QUICKSTART_RECIPES:
         fail(DomaintuneError(f"unknown example {only!r}", hint=f"use one of {', '.join(QUICKSTART_RECIPES)}"))
@@ -181,8 +184,11 @@ def models_pull(
     names: Annotated[Optional[list[str]], typer.Argument(help="Catalog names.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Pull every catalog model.")] = False,
 ) -> None:
-    """Fetch catalog models (the package's weights only, none of its dependencies) and prepare
-    them for fast offline loading in the cache ($DOMAINTUNE_HOME, default ~/.cache/domaintune)."""
+    """Fetch catalog models and prepare them for fast offline loading.
+
+    Installs the package's weights only (none of its dependencies) and prepares them in the cache
+    ($DOMAINTUNE_HOME, default ~/.cache/domaintune).
+    """
     chosen = list(catalog.CATALOG) if all_ else list(names or [])
     if not chosen:
         fail(DomaintuneError("name a model to pull", hint=f"e.g. `domaintune models pull {next(iter(catalog.CATALOG))}` or --all"))

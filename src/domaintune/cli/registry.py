@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from domaintune.registry.store import ModelVersion, Registry
 
 registry_app = typer.Typer(
+    rich_markup_mode="markdown",  # joins the lines of a docstring paragraph, as a paragraph
     help="Registered model versions: stages (candidate → staging → production → archived), promotion policy, "
          "lineage checks and the audit log.",
     no_args_is_help=True,

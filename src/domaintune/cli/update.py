@@ -22,8 +22,8 @@ def update(
     feedback_db: Annotated[Optional[Path], typer.Option("--feedback-db", help="The server's feedback store (default: feedback.db in $DOMAINTUNE_HOME).")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only feedback given on or after this date (ISO, e.g. 2025-06-01); with --watch, where its first batch starts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be trained on (by source, duplicates, personal data) and stop.")] = False,
-    gate: Annotated[Optional[str], typer.Option("--gate", help="Condition on every earlier eval set; base. is production, tuned. the candidate (default: difference.<metric>.low >= -tolerance).")] = None,
-    gate_new: Annotated[Optional[str], typer.Option("--gate-new", help="Condition on the new eval rows (default: difference.<metric> > 0).")] = None,
+    gate: Annotated[Optional[str], typer.Option("--gate", help="Condition on every earlier eval set; base. is production, tuned. the candidate (default: difference.\\<metric>.low >= -tolerance).")] = None,
+    gate_new: Annotated[Optional[str], typer.Option("--gate-new", help="Condition on the new eval rows (default: difference.\\<metric> > 0).")] = None,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest drop the default gate accepts on an earlier eval set (update.tolerance).")] = None,
     replay_ratio: Annotated[Optional[float], typer.Option("--replay-ratio", help="Earlier training rows mixed in, per new training row (update.replay_ratio).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="update.learning_rate (default: half of production's).")] = None,
@@ -40,8 +40,10 @@ def update(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else (with --watch: one a poll, a line each).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train a new version of NAME from its production version on new rows and feedback, with a
-    replay of earlier rows, and compare it with production on every earlier eval set and the new rows.
+    """Train a new version of NAME from production on new rows and feedback, gated against production.
+
+    The new rows come with a replay of earlier ones; the candidate is compared with production on
+    every earlier eval set and on the new rows.
 
     Exit codes: 0 promoted (or staged, or a dry run), 2 a problem with the input, 3 the gate
     rejected the candidate (it is registered as archived; production is unchanged).

@@ -14,7 +14,7 @@ from domaintune.catalog import BaseModel, sha256_file
 from domaintune.recipe import Recipe, dump_recipe
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "scikit-learn", "numpy", "gguf",
-             "datasketch", "phonenumbers")
+             "datasketch", "phonenumbers", "liger-kernel", "bitsandbytes")
 
 
 def _version(name: str) -> str | None:
@@ -24,10 +24,17 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _gpus() -> list[str]:
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
 def build_lineage(spec: Recipe, recipe_path: Path, data_files: list[Path], processed_files: list[Path], base: BaseModel,
-                  adapter_dir: Path, run_id: str, timings: dict[str, float]) -> dict:
+                  adapter_dir: Path, run_id: str, timings: dict[str, float], training: dict | None = None) -> dict:
     """sha256 of every input and output file (the data as given and as trained on), library
-    versions, machine, timings."""
+    versions, machine (with its GPUs), how training ran (``training``: device, processes and the
+    speed plan, which decide the numbers as much as the seed does), timings."""
     resolved = dump_recipe(spec)
     return {
         "run_id": run_id,
@@ -50,7 +57,9 @@ def build_lineage(spec: Recipe, recipe_path: Path, data_files: list[Path], proce
             for p in sorted(adapter_dir.rglob("*")) if p.is_file()
         ],
         "libraries": {"python": sys.version.split()[0], **{n: _version(n) for n in LIBRARIES}},
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                    "gpus": _gpus()},
         "seed": spec.training.seed,
+        "training": training or {},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
