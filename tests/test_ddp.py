@@ -41,3 +41,18 @@ def test_two_processes_write_one_run_with_the_weights_of_one_process(sft_recipe,
         assert torch.allclose(together[name], weight, atol=1e-5), name
     moved = sum(float((w - 0).abs().sum()) for n, w in single.items() if "lora_B" in n)
     assert moved > 0  # lora_B starts at zero: the comparison is of trained weights
+
+
+def test_with_cuda_the_processes_use_nccl_for_gpu_tensors_and_gloo_for_cpu_values(monkeypatch):
+    """The loss's token counts are summed over the processes as CPU tensors: NCCL alone would
+    refuse them, so a CUDA machine gets both backends, each process on its own GPU."""
+    from domaintune.train import distributed
+
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert distributed._backend() == "cpu:gloo,cuda:nccl" and chosen == [1]
+    assert torch.distributed.Backend("cpu:gloo,cuda:nccl")  # a form this torch accepts
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed._backend() == "gloo" and chosen == [1]

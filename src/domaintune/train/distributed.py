@@ -24,12 +24,17 @@ def world_size() -> int:
     if _left:  # joining again would wait forever for processes that have moved on
         raise RuntimeError("this process left the process group (distributed.leave) and cannot ask about it")
     if not dist.is_initialized():
-        # gloo runs everywhere; nccl only between CUDA devices
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(_backend())
     return dist.get_world_size()
+
+
+def _backend() -> str:
+    """gloo on a CPU machine. With CUDA, NCCL for the GPUs' tensors and gloo for the CPU's: the
+    loss's token counts and the run's id travel as CPU values, which NCCL alone refuses."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    return "cpu:gloo,cuda:nccl"
 
 
 def rank() -> int:
