@@ -183,3 +183,19 @@ def test_bad_target_modules_name_the_recipe_key(tiny_llama):
                                   "ia3": {"target_modules": ["nope"], "feedforward_modules": []}})
     with pytest.raises(RecipeError, match="ia3.target_modules"):
         apply_method(catalog.load_causal_lm(catalog.resolve(str(tiny_llama))), spec, "CAUSAL_LM")
+
+
+def test_qlora_loads_onto_the_gpu_of_its_process(monkeypatch):
+    """Under torchrun every process quantises its copy onto its own GPU (LOCAL_RANK), not all onto the first."""
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.train.methods import load_quantized_causal_lm
+
+    asked = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kwargs: asked.append(kwargs))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    load_quantized_causal_lm("somewhere")
+    monkeypatch.delenv("LOCAL_RANK")
+    load_quantized_causal_lm("somewhere")
+    assert [a["device_map"] for a in asked] == [{"": 3}, {"": 0}]
+    assert asked[0]["quantization_config"].load_in_4bit

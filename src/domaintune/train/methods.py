@@ -9,6 +9,7 @@ loaded in 4 bits (CUDA only), ``ia3`` learns scaling vectors, ``prompt_tuning`` 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -65,12 +66,14 @@ def check_runs_here(spec: Recipe) -> None:
 
 
 def load_quantized_causal_lm(path):
-    """A causal LM in 4-bit NF4 with bfloat16 compute on the first GPU (the QLoRA recipe)."""
+    """A causal LM in 4-bit NF4 with bfloat16 compute (the QLoRA recipe) on this process's GPU:
+    under torchrun each process has its own (``LOCAL_RANK``), else the first."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": 0})
+    gpu = int(os.environ.get("LOCAL_RANK", "0"))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": gpu})
 
 
 def apply_method(model: torch.nn.Module, spec: Recipe, task_type: str | None, tokenizer_path: str | None = None):
