@@ -23,7 +23,7 @@ def serve(
     registry_url: Annotated[Optional[str], typer.Option(help="Registry database URL (default: $DOMAINTUNE_REGISTRY_URL, else the local one).")] = None,
     poll_seconds: Annotated[float, typer.Option(help="How often to check the registry for promotions (SIGHUP checks at once).")] = 30.0,
     api_keys: Annotated[Optional[Path], typer.Option(help="Keys file (YAML/JSON: hashed keys, allowed models, rate limits). Without it anyone who can connect may call any model.")] = None,
-    engine: Annotated[str, typer.Option(help="transformers (CPU or GPU) or vllm (GPU, with vLLM installed).")] = "transformers",
+    engine: Annotated[str, typer.Option(help="transformers (on the CPU, float32, whatever GPUs there are) or vllm (GPU, with vLLM installed; not available yet).")] = "transformers",
     max_batch: Annotated[int, typer.Option(help="Most requests generated together in one batch.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 1_000_000,
