@@ -103,3 +103,17 @@ def test_auto_on_the_cpu_swaps_loras_dropout_while_training_and_puts_it_back():
     with sparse_dropout(model):
         state = model.state_dict()
     assert state.keys() == model.state_dict().keys()  # dropout holds no state to save
+
+
+def test_the_dropout_benchmark_runs_both_ways():
+    """bench/dropout_cpu.py on small shapes and a random BERT (its numbers are in bench/README.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "dropout_cpu.py"
+    done = subprocess.run([sys.executable, str(bench), "--tiny", "--repeats", "2"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
+    assert len(rows) == 3 and "(20 dropouts)" in rows[2], done.stdout
