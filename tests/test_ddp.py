@@ -1,7 +1,9 @@
-"""`domaintune run` under torchrun: two CPU processes (gloo) train as one with the same global batch."""
+"""`domaintune run` under torchrun or accelerate launch: two CPU processes (gloo) train as one with the
+same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,14 +22,23 @@ def _adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
+# accelerate starts several processes through torchrun with --multi_gpu, also on a machine without
+# GPUs (its --cpu starts one)
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
-def test_two_processes_write_one_run_with_the_weights_of_one_process(sft_recipe, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_write_one_run_with_the_weights_of_one_process(sft_recipe, tmp_path, launcher):
     alone = run(sft_recipe, OVERRIDES, output_dir=tmp_path / "alone", register=False)
 
     sets = [arg for key, value in OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "domaintune", "run", str(sft_recipe), *sets, "--output-dir", str(tmp_path / "ddp"),
-               "--no-register", "--quiet"]
+    command = [*LAUNCHERS[launcher], "-m", "domaintune", "run", str(sft_recipe), *sets,
+               "--output-dir", str(tmp_path / "ddp"), "--no-register", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,6 +46,7 @@ def test_two_processes_write_one_run_with_the_weights_of_one_process(sft_recipe,
     runs = list((tmp_path / "ddp" / "tiny-colours").iterdir())
     assert len(runs) == 1 and not runs[0].name.startswith("."), runs  # no second run, nothing half-written
     assert (runs[0] / "metrics.json").is_file()
+    assert json.loads((runs[0] / "lineage.json").read_text())["training"]["processes"] == 2  # not one alone
     together, single = _adapter(runs[0]), _adapter(alone.run_dir)
     assert together.keys() == single.keys()
     for name, weight in single.items():
