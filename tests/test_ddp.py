@@ -68,3 +68,25 @@ def test_with_cuda_the_processes_use_nccl_for_gpu_tensors_and_gloo_for_cpu_value
     assert torch.distributed.Backend("cpu:gloo,cuda:nccl")  # a form this torch accepts
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed._backend() == "gloo" and chosen == [1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
+def test_classification_under_torchrun_trains_as_one_process(classification_recipe, tmp_path):
+    """Each process trains on whole batches (same seed, same dropout masks): the gradients they
+    average are equal, and so is the result to a one-process run's."""
+    overrides = {"training.epochs": 2}
+    alone = run(classification_recipe, overrides, output_dir=tmp_path / "alone", register=False)
+    command = [*LAUNCHERS["torchrun"], "-m", "domaintune", "run", str(classification_recipe), "--set",
+               "training.epochs=2", "--output-dir", str(tmp_path / "ddp"), "--no-register", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "ddp" / "tiny-intents").iterdir())
+    assert len(runs) == 1 and json.loads((runs[0] / "lineage.json").read_text())["training"]["processes"] == 2
+    for name in ("adapter/adapter_model.safetensors", "adapter/head.safetensors"):
+        together, single = load_file(runs[0] / name), load_file(alone.run_dir / name)
+        assert together.keys() == single.keys()
+        for key, weight in single.items():
+            assert torch.allclose(together[key], weight, atol=1e-5), (name, key)
+    tuned = json.loads((runs[0] / "metrics.json").read_text())["tuned"]
+    assert (tuned["accuracy"], tuned["macro_f1"]) == pytest.approx((alone.tuned["accuracy"], alone.tuned["macro_f1"]))
