@@ -1,5 +1,6 @@
 """`domaintune run` under torchrun with `training.distributed: fsdp`: two CPU processes (gloo) train
-one sharded copy of the model and write the run of a one-process run with the same global batch."""
+one sharded copy of the model and write the run of a one-process run with the same global batch;
+killed with SIGKILL, a multi-process run (fsdp or ddp) resumes to the same weights."""
 
 from __future__ import annotations
 
@@ -95,9 +96,11 @@ def test_full_fine_tuning_sharded_over_two_processes_equals_one_process(sft_reci
     assert (sharded["processes"], sharded["fsdp"], single["processes"], single["fsdp"]) == (2, True, 1, False)
 
 
-def test_a_sharded_run_killed_mid_training_resumes_to_the_weights_of_one_process(sft_recipe, tmp_path):
+@pytest.mark.parametrize("distributed", ["fsdp", "ddp"])
+def test_a_multi_process_run_killed_mid_training_resumes_to_the_weights_of_one_process(sft_recipe, tmp_path,
+                                                                                      distributed):
     overrides = {**OVERRIDES, "training.checkpoint_every": 3}
-    sharded = {**overrides, "training.distributed": "fsdp"}
+    sharded = {**overrides, "training.distributed": distributed}
     killed = _torchrun(sft_recipe, sharded, tmp_path / "fsdp", env={PAUSE_AFTER_STEP_ENV: "4"})
     alone = run(sft_recipe, overrides, output_dir=tmp_path / "alone", register=False)  # meanwhile
 
@@ -109,7 +112,7 @@ def test_a_sharded_run_killed_mid_training_resumes_to_the_weights_of_one_process
     _kill(killed)
     partial = next((tmp_path / "fsdp").glob("*/.*.partial"))
     checkpoint = torch.load(partial / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
-    assert checkpoint["plan"]["sharded"] and checkpoint["state"]["step"] == 3
+    assert checkpoint["plan"].get("sharded", False) == (distributed == "fsdp") and checkpoint["state"]["step"] == 3
     # whole tensors in the file, not one process's shard
     lora_a = next(n for n in checkpoint["weights"] if "lora_A" in n)
     assert list(checkpoint["weights"][lora_a].shape) == checkpoint["plan"]["weights"][lora_a]
