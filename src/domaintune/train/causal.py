@@ -166,18 +166,25 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
     seed_everything(loop.seed)
     packing = packing and not _prompt_learning(model)
     with row_attention(model) if packing else nullcontext():
-        if packing and not packing_honoured(model, [r.input_ids for r in rows[:2]]):
+        if packing and not _keeps_rows_apart(model, rows, speed):
             console.print("[yellow]this architecture lets packed rows attend to each other: training on padded batches[/]")
             packing = False
         return _train(model, tokenizer, rows, loop, batch_size, console, description, eval_rows, packing, speed)
+
+
+def _keeps_rows_apart(model, rows: list[Tokenized], speed: SpeedPlan) -> bool:
+    """``packing_honoured`` on the first two rows; under FSDP rank 0's answer, for the other
+    processes may hold no weights to try it with."""
+    if not speed.fsdp:
+        return packing_honoured(model, [r.input_ids for r in rows[:2]])
+    return distributed.from_main(packing_honoured(model, [r.input_ids for r in rows[:2]]) if distributed.is_main() else None)
 
 
 def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size: int, console: Console,
            description: str, eval_rows: list[Tokenized] | None, packing: bool, speed: SpeedPlan) -> list[dict]:
     lengths = [len(r.input_ids) for r in rows]
     trained = model
-    if speed.fsdp and distributed.world_size() > 1:
-        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    if speed.fsdp and distributed.world_size() > 1:  # every shard is cut from rank 0's weights
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         trained = fsdp.shard(model, decoder_layers(base), speed.device, bf16=speed.bf16)
     fused = hidden_and_head(trained) if speed.fused_loss else None

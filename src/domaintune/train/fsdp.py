@@ -87,7 +87,11 @@ def shards_like(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dic
 
 
 def _shard_of(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """This process's part of the whole ``value`` of ``param``, laid out as ``param`` is."""
+    """This process's part of the whole ``value`` of ``param``, laid out as ``param`` is. The parts
+    are cut from rank 0's value (distribute_tensor's source rank), so a process whose ``value`` is
+    only a shape (a meta tensor: it never loaded the weights) passes a placeholder."""
+    if value.is_meta:
+        value = torch.empty(value.shape, dtype=param.dtype, device=param.device)
     value = value.to(param.device, param.dtype)
     return distribute_tensor(value, param.device_mesh, param.placements) if isinstance(param, DTensor) else value
 
