@@ -4,7 +4,9 @@ Under torchrun each process holds a 1/N shard of every weight, gradient and opti
 a decoder layer's weights are gathered just before it runs and freed after, and gradients are
 reduce-scattered (averaged) in backward. Training runs on a sharded copy of the model (``shard``);
 the caller's model stays whole, on its device, and gets the trained weights back at the end
-(``gather_into``), so that rank 0 evaluates and saves a plain model. Every process must make the
+(``gather_into``), so that rank 0 evaluates and saves a plain model. In the other processes the
+caller's model may be shapes only (meta tensors, ``catalog.load_causal_lm(weights=False)``): every
+shard is cut from rank 0's weights. Every process must make the
 same calls in the same order: forward passes, the gathers here and the checkpoint writes are
 collective.
 """
