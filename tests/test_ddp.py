@@ -47,6 +47,9 @@ def test_two_processes_write_one_run_with_the_weights_of_one_process(sft_recipe,
     assert len(runs) == 1 and not runs[0].name.startswith("."), runs  # no second run, nothing half-written
     assert (runs[0] / "metrics.json").is_file()
     assert json.loads((runs[0] / "lineage.json").read_text())["training"]["processes"] == 2  # not one alone
+    # rank 0 alone evaluated the base, as one process does
+    assert json.loads((runs[0] / "metrics.json").read_text())["base"] == pytest.approx(
+        {k: v for k, v in alone.base.items() if isinstance(v, float)} | {"model": alone.base["model"]})
     together, single = _adapter(runs[0]), _adapter(alone.run_dir)
     assert together.keys() == single.keys()
     for name, weight in single.items():

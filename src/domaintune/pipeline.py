@@ -327,11 +327,13 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
-    # Under FSDP the other processes get their shards from rank 0 (train.fsdp.shard): they need no
-    # weights of their own, only the model's shapes, and skip the base evaluation, which only
-    # rank 0 reports. Updates keep the whole model everywhere (their warm start loads weights).
+    # Under torchrun rank 0 alone evaluates the base (the others would compete with it for the CPU
+    # and report nothing). Under FSDP the others also get their shards from rank 0
+    # (train.fsdp.shard): they need only the model's shapes. Updates keep the whole model
+    # everywhere (their warm start loads weights).
     sharded = spec.training.distributed == "fsdp" and distributed.world_size() > 1
-    weightless = sharded and not distributed.is_main() and init_from is None and preference is None
+    worker = distributed.world_size() > 1 and not distributed.is_main()
+    weightless = sharded and worker and init_from is None and preference is None
     if spec.method == "qlora":
         model = load_quantized_causal_lm(base.path)
     else:
@@ -365,10 +367,10 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     def evaluate(name: str) -> tuple[dict, dict, list[str]]:
         return score_causal(model, tokenizer, spec, evaluation, max_new, console, name)
 
-    base_metrics, base_scores, base_out = ({}, {}, []) if weightless else evaluate("base")
+    base_metrics, base_scores, base_out = ({}, {}, []) if worker else evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
-    if sharded:  # for as long as rank 0 evaluates the base, beyond the process group's timeout
+    if distributed.world_size() > 1:  # for as long as rank 0 evaluates the base, past the group's timeout
         distributed.wait_for_main()
 
     clock = time.perf_counter()
