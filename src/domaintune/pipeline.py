@@ -276,8 +276,9 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
-    training = {"device": "cpu", "processes": distributed.world_size(), "sparse_dropout": spec.training.speed == "auto"}
-    with sparse_dropout(model) if spec.training.speed == "auto" else nullcontext():  # classification trains on the CPU
+    sparse = spec.training.speed == "auto"  # classification trains on the CPU, where auto draws dropout sparsely
+    training = {"device": "cpu", "processes": distributed.world_size(), "sparse_dropout": sparse}
+    with sparse_dropout(model) if sparse else nullcontext():
         log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                                batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
                                eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])

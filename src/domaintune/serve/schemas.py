@@ -68,7 +68,7 @@ class _Sampling(_Request):
             if not str(key).isdigit():
                 raise ValueError(f"{key!r} is not a token id")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or abs(bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"the bias of token {key} must be a number from -100 to 100")
+                raise ValueError(f"the bias of token {key} must be a number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}")
             biases[int(key)] = float(bias)
         return biases
 

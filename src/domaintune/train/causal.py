@@ -175,9 +175,9 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
 def _keeps_rows_apart(model, rows: list[Tokenized], speed: SpeedPlan) -> bool:
     """``packing_honoured`` on the first two rows; under FSDP rank 0's answer, for the other
     processes may hold no weights to try it with."""
-    if not speed.fsdp:
-        return packing_honoured(model, [r.input_ids for r in rows[:2]])
-    return distributed.from_main(packing_honoured(model, [r.input_ids for r in rows[:2]]) if distributed.is_main() else None)
+    tries_here = not speed.fsdp or distributed.is_main()
+    answer = packing_honoured(model, [r.input_ids for r in rows[:2]]) if tries_here else None
+    return distributed.from_main(answer) if speed.fsdp else answer
 
 
 def _train(model, tokenizer, rows: list[Tokenized], loop: LoopConfig, batch_size: int, console: Console,

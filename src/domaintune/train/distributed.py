@@ -62,19 +62,15 @@ def from_main(value):
     return box[0]
 
 
-_patient_group = None
-
-
 def wait_for_main(hours: float = 24.0) -> None:
     """Every process waits here until rank 0 arrives, for up to ``hours``: the process group's own
     timeout (10 minutes for NCCL) would end a wait on rank 0's evaluation of a large base model.
-    Over a gloo group of its own, made on first use (every process must call this at the same point)."""
-    global _patient_group
+    Over a gloo group of its own (every process must call this at the same point)."""
     if world_size() == 1:
         return
-    if _patient_group is None:
-        _patient_group = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
-    dist.broadcast_object_list([None], src=0, group=_patient_group)
+    patient = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    dist.broadcast_object_list([None], src=0, group=patient)
+    dist.destroy_process_group(patient)
 
 
 def all_sum(value: float) -> float:
@@ -116,8 +112,8 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
 
 def leave() -> None:
     """End a worker process that has finished training: rank 0 alone evaluates and writes the run."""
-    global _left, _patient_group
+    global _left
     if dist.is_initialized():
         dist.destroy_process_group()
-    _left, _patient_group = True, None
+    _left = True
     raise SystemExit(0)

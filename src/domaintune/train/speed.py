@@ -50,7 +50,7 @@ class SpeedPlan:
     fsdp: bool = False
     # Dropout drawing only the positions it drops (``train.dropout``): the CPU's random numbers
     # are slow, a GPU's dropout is one fused kernel already.
-    sparse_dropout: bool = True
+    sparse_dropout: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
@@ -75,16 +75,14 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
         return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp, sparse_dropout=setting != "off")
     bf16 = torch.cuda.is_bf16_supported()
     if fsdp:
-        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True,
-                         sparse_dropout=False)
+        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True)
     if setting == "off":
-        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False,
-                         sparse_dropout=False)
+        return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False)
     # Liger's autograd functions broke torch.compile's tracing (dynamo, torch 2.11): one or the other
     liger = (importlib.util.find_spec("liger_kernel") is not None and model_type in LIGER_ARCHITECTURES
              and method != "qlora" and not compile_layers)
     return SpeedPlan(device="cuda", bf16=bf16, liger=liger, fused_loss=True, compile_layers=compile_layers,
-                     checkpointing=checkpointing, pack_mixed_lengths=False, sparse_dropout=False)
+                     checkpointing=checkpointing, pack_mixed_lengths=False)
 
 
 def place(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
