@@ -282,8 +282,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
         log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                                batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
                                eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])
-    if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
-        distributed.leave()
+    distributed.end_training()  # under torchrun, rank 0 alone goes on to evaluate and write the run
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -396,8 +395,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                            eval_rows=eval_rows[:spec.training.eval_rows], packing=spec.training.packing, speed=plan)
         if preference is not None:
             preference.train(model, tokenizer, _loop_config(spec, run_dir / "preference"), console)
-    if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes the run
-        distributed.leave()
+    distributed.end_training()  # under torchrun, rank 0 alone goes on to evaluate and write the run
     model = release(model, plan, spec.method)
     timings["train_s"] = time.perf_counter() - clock
 

@@ -9,21 +9,23 @@ in the environment every function here is a no-op and training runs in one proce
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-_left = False  # set by ``leave``: this process is out of the group for good
+_ended = False  # set by ``end_training``: the process group is gone for good
+_patient = None  # wait_for_main's gloo group, kept until end_training
 
 
 def world_size() -> int:
     """How many processes train together (1 when not launched by torchrun/accelerate)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 1
-    if _left:  # joining again would wait forever for processes that have moved on
-        raise RuntimeError("this process left the process group (distributed.leave) and cannot ask about it")
+    if _ended:  # joining again would wait forever for processes that have moved on
+        raise RuntimeError("the process group has ended (distributed.end_training): ask before training ends")
     if not dist.is_initialized():
         dist.init_process_group(_backend())
     return dist.get_world_size()
@@ -65,12 +67,14 @@ def from_main(value):
 def wait_for_main(hours: float = 24.0) -> None:
     """Every process waits here until rank 0 arrives, for up to ``hours``: the process group's own
     timeout (10 minutes for NCCL) would end a wait on rank 0's evaluation of a large base model.
-    Over a gloo group of its own (every process must call this at the same point)."""
+    Over a gloo group of its own, made on first use and ended with the others by ``end_training``
+    (every process must call this at the same points)."""
+    global _patient
     if world_size() == 1:
         return
-    patient = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
-    dist.broadcast_object_list([None], src=0, group=patient)
-    dist.destroy_process_group(patient)
+    if _patient is None:
+        _patient = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    dist.broadcast_object_list([None], src=0, group=_patient)
 
 
 def all_sum(value: float) -> float:
@@ -110,10 +114,22 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
         dist.broadcast(p.data, src=0)
 
 
-def leave() -> None:
-    """End a worker process that has finished training: rank 0 alone evaluates and writes the run."""
-    global _left
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _left = True
-    raise SystemExit(0)
+def end_training() -> None:
+    """Every process calls this once training is over (its last collective done). The process
+    groups end in every process at the same point, as PyTorch asks of them; then the other
+    processes exit and rank 0 goes on alone to evaluate and write the run.
+
+    The others exit with ``os._exit``, skipping the interpreter's teardown: they have nothing left
+    to write, and tearing down with gloo's threads and the sharded model about can abort a process
+    (SIGABRT, "terminate called without an active exception"), which torchrun reports as the
+    whole run failing."""
+    global _ended, _patient
+    if world_size() == 1:
+        return
+    main = is_main()
+    dist.destroy_process_group()
+    _ended, _patient = True, None
+    if not main:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
