@@ -8,7 +8,7 @@ which pads each random batch to its longest row. Each side runs in its own proce
 that process's); both are scored by the same held-out loss (mean NLL of the answer tokens).
 
     python bench/train_cpu.py                  # 32 training rows, 16 held out, 1 epoch
-    python bench/train_cpu.py --rows 64 --sides hf,domaintune,domaintune-padded,domaintune-off
+    python bench/train_cpu.py --rows 64 --sides hf,domaintune,domaintune-padded,domaintune-off,domaintune-unfused
 
 Throughput counts real tokens only: the rows' own tokens, not padding.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -98,6 +99,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
                           max_grad_norm=1.0, seed=args.seed, checkpoint_every=0)
         # what a run on this machine gets with training.speed auto (or off)
         plan = plan_speed("off" if side == "domaintune-off" else "auto", model.config.model_type, "lora")
+        if side == "domaintune-unfused":  # auto, but PEFT's own LoRA forward
+            plan = dataclasses.replace(plan, fused_lora=False)
         with accelerated(model, plan):
             train_causal(model, tokenizer, train, loop=loop, batch_size=args.batch_size, console=Console(quiet=True),
                          description="train", packing=side != "domaintune-padded", speed=plan)
@@ -134,7 +137,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sides", default="hf,domaintune", help="hf, domaintune (packed), domaintune-padded, domaintune-off (training.speed: off: nn.Dropout)")
+    parser.add_argument("--sides", default="hf,domaintune", help="hf, domaintune (packed), domaintune-padded, domaintune-off (training.speed: off: "
+                        "nn.Dropout, PEFT's LoRA forward), domaintune-unfused (auto with PEFT's LoRA forward)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # the child process's side
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/domaintune-bench"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -39,8 +39,9 @@ def _check_run_dir(result, task: str, method: str) -> dict:
         assert entry["sha256"] == sha256_file(run_dir / entry["file"])
     assert lineage["base_model"]["files"], "base weights must be hashed"
     assert lineage["libraries"]["torch"]
-    assert lineage["training"]["processes"] == 1 and lineage["training"]["sparse_dropout"] is (
-        task == "classification" or not torch.cuda.is_available())  # the recipes' speed: auto
+    on_cpu = task == "classification" or not torch.cuda.is_available()  # the recipes' speed: auto
+    assert lineage["training"]["processes"] == 1 and lineage["training"]["device"] == ("cpu" if on_cpu else "cuda")
+    assert lineage["training"]["sparse_dropout"] is on_cpu and lineage["training"]["fused_lora"] is on_cpu
     assert lineage["machine"]["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

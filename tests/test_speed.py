@@ -41,12 +41,12 @@ def test_chunked_linear_cross_entropy_equals_cross_entropy_of_the_logits(weight_
         torch.testing.assert_close(grads[1], weight.grad)
 
 
-def test_on_a_machine_without_a_gpu_the_plan_changes_only_how_dropout_draws():
+def test_on_a_machine_without_a_gpu_the_plan_changes_only_dropout_and_loras_forward():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     for setting in ("auto", "off"):
         plan = speed.plan_speed(setting, "llama", "lora")
-        assert plan == speed.SpeedPlan(sparse_dropout=setting == "auto")
+        assert plan == speed.SpeedPlan(sparse_dropout=setting == "auto", fused_lora=setting == "auto")
         model = torch.nn.Linear(2, 2)
         assert speed.place(model, plan, "lora") is model and model.weight.dtype == torch.float32
 

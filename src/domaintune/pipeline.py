@@ -7,7 +7,6 @@ import json
 import secrets
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -239,7 +238,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
                         timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
                                                  predict_proba, save_classifier, train_classifier)
-    from domaintune.train.dropout import sparse_dropout
+    from domaintune.train.speed import accelerated, cpu_plan
 
     labels = data.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -276,9 +275,9 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
-    sparse = spec.training.speed == "auto"  # classification trains on the CPU, where auto draws dropout sparsely
-    training = {"device": "cpu", "processes": distributed.world_size(), "sparse_dropout": sparse}
-    with sparse_dropout(model) if sparse else nullcontext():
+    plan = cpu_plan(spec.training.speed)  # classification models are small: they train on the CPU
+    training = {"processes": distributed.world_size(), **plan.describe()}
+    with accelerated(model, plan):
         log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                                batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
                                eval_texts=[e.text for e in held_out], eval_labels=[index[e.label] for e in held_out])

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from domaintune.train.dropout import sparse_dropout
+from domaintune.train.fused_lora import fused_lora
 
 # Architectures whose layers Liger's instance patcher rewrites (liger_kernel.transformers.monkey_patch).
 LIGER_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
@@ -51,6 +52,9 @@ class SpeedPlan:
     # Dropout drawing only the positions it drops (``train.dropout``): the CPU's random numbers
     # are slow, a GPU's dropout is one fused kernel already.
     sparse_dropout: bool = False
+    # LoRA's scaling and sum folded into one matrix product (``train.fused_lora``): measured on the
+    # CPU, not yet on a GPU.
+    fused_lora: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
@@ -72,7 +76,7 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
     through its own forward, which the fused loss and Liger's patched forwards bypass).
     """
     if not torch.cuda.is_available():
-        return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp, sparse_dropout=setting != "off")
+        return cpu_plan(setting, checkpointing=checkpointing, fsdp=fsdp)
     bf16 = torch.cuda.is_bf16_supported()
     if fsdp:
         return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True)
@@ -83,6 +87,13 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
              and method != "qlora" and not compile_layers)
     return SpeedPlan(device="cuda", bf16=bf16, liger=liger, fused_loss=True, compile_layers=compile_layers,
                      checkpointing=checkpointing, pack_mixed_lengths=False)
+
+
+def cpu_plan(setting: str, checkpointing: float = 0.0, fsdp: bool = False) -> SpeedPlan:
+    """The plan on the CPU (where classification always trains): ``auto`` draws dropout sparsely
+    and fuses LoRA's forward."""
+    auto = setting != "off"
+    return SpeedPlan(checkpointing=checkpointing, fsdp=fsdp, sparse_dropout=auto, fused_lora=auto)
 
 
 def place(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
@@ -112,7 +123,8 @@ def accelerated(model: torch.nn.Module, plan: SpeedPlan) -> Iterator[torch.nn.Mo
         for layer in layers:
             layer.compile(dynamic=True)
     try:
-        with sparse_dropout(model) if plan.sparse_dropout else nullcontext():
+        with (sparse_dropout(model) if plan.sparse_dropout else nullcontext(),
+              fused_lora(model) if plan.fused_lora else nullcontext()):
             yield model
     finally:
         if plan.compile_layers:
