@@ -40,7 +40,8 @@ def _torchrun(recipe, overrides: dict, output, *extra: str, env: dict | None = N
                "-m", "domaintune", "run", str(recipe), *sets, "--output-dir", str(output), "--no-register", "--quiet",
                *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            # a worker that aborts prints its Python stack (torchrun shows only the signal)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -65,7 +66,7 @@ def _finish(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         _kill(process)  # no worker left waiting on the others for ever
         raise
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 0, stderr if len(stderr) < 8000 else f"{stderr[:4000]}\n...\n{stderr[-4000:]}"
 
 
 def _kill(process: subprocess.Popen) -> None:
