@@ -64,8 +64,8 @@ def from_main(value):
     return box[0]
 
 
-def wait_for_main(hours: float = 24.0) -> None:
-    """Every process waits here until rank 0 arrives, for up to ``hours``: the process group's own
+def wait_for_main() -> None:
+    """Every process waits here until rank 0 arrives, for up to a day: the process group's own
     timeout (10 minutes for NCCL) would end a wait on rank 0's evaluation of a large base model.
     Over a gloo group of its own, made on first use and ended with the others by ``end_training``
     (every process must call this at the same points)."""
@@ -73,7 +73,7 @@ def wait_for_main(hours: float = 24.0) -> None:
     if world_size() == 1:
         return
     if _patient is None:
-        _patient = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+        _patient = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
     dist.broadcast_object_list([None], src=0, group=_patient)
 
 

@@ -4,9 +4,10 @@ PEFT's LoRA layer computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. T
 the sum each make a new tensor the size of the layer's output, and the scaling does again in
 backward; on the CPU these passes over memory, with the page faults of their fresh allocations,
 are a share of a step (the profiler put 1.2 s of a 9.8 s SmolLM2-135M step in multiplying
-2312 x 1536 tensors by a scalar, LoRA's scaling of the gate and up outputs among them). The same value comes from scaling the rank-r intermediate instead (r numbers per
-token, not the output's width) and adding lora_B's product onto the base's output inside one
-``addmm``: a SmolLM2-135M step 1.02-1.03x, and 0.44 GB less peak memory over a run (bench/README.md).
+2312 x 1536 tensors by a scalar, LoRA's scaling of the gate and up outputs among them). The same
+value comes from scaling the rank-r intermediate instead (r numbers per token, not the output's
+width) and adding lora_B's product onto the base's output inside one ``addmm``: a SmolLM2-135M
+step 1.02-1.03x, and 0.44 GB less peak memory over a run (bench/README.md).
 
 Only plain LoRA on ``nn.Linear`` layers takes this path, one adapter active, unmerged; every
 other case (DoRA, a bias on lora_B, several adapters, adapters switched off, a mixed batch of
@@ -23,18 +24,24 @@ import torch
 
 
 def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapters = layer.active_adapters
-    if (args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1
-            or adapters[0] not in layer.lora_A):
+    name = None if args or kwargs else _plain_adapter(layer, x)
+    if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    name = adapters[0]
-    a, b = layer.lora_A[name], layer.lora_B[name]
-    if not x.dtype == a.weight.dtype == b.weight.dtype == layer.get_base_layer().weight.dtype:
-        return type(layer).forward(layer, x, *args, **kwargs)  # PEFT casts between dtypes: leave that to it
     result = layer.base_layer(x)
-    low = a(layer.lora_dropout[name](x)) * layer.scaling[name]  # (..., r): cheap to scale
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), b.weight.t())
+    low = layer.lora_A[name](layer.lora_dropout[name](x)) * layer.scaling[name]  # (..., r): cheap to scale
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                      layer.lora_B[name].weight.t())
     return out.view(result.shape)
+
+
+def _plain_adapter(layer, x: torch.Tensor) -> str | None:
+    """The one active adapter, where the call is plain LoRA in one dtype (PEFT casts between
+    dtypes: that is left to it); else None."""
+    adapters = layer.active_adapters
+    if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A:
+        return None
+    a, b = layer.lora_A[adapters[0]], layer.lora_B[adapters[0]]
+    return adapters[0] if x.dtype == a.weight.dtype == b.weight.dtype == layer.get_base_layer().weight.dtype else None
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
