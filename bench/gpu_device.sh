@@ -15,6 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger-kernel', m.version('liger-kernel'))"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py \
-  tests/test_methods.py -k "gpu or cuda or speed or packing or varlen or packed" 2>&1 | tee $OUT/pytest_gpu.log | tail -8
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py \
+  tests/test_methods.py tests/test_pipeline.py tests/test_run_eval.py \
+  -k "gpu or cuda or speed or packing or varlen or packed or sft_run or placed" 2>&1 | tee $OUT/pytest_gpu.log | tail -8
 python3 bench/gpu_train.py --timeout ${VARIANT_TIMEOUT:-150} --budget ${BUDGET:-380} --out $OUT/gpu_train.json "$@" 2>&1 | tee $OUT/gpu_train.log

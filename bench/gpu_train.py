@@ -57,6 +57,7 @@ class Variant:
     compile_layers: bool = False
     checkpointing: float = 0.0
     liger: bool = True  # auto: leave Liger's kernels out when False
+    fused_lora: bool = False  # auto: LoRA's scaling and sum in one addmm (train.fused_lora; on for CPUs only so far)
     packing: bool = True  # auto/off: packed batches (padded when False)
     pack_mixed: bool | None = None  # auto/off: pack rows of different lengths too (None: as the plan says)
     steps: int = 50
@@ -67,6 +68,7 @@ class Variant:
 VARIANTS = [
     Variant("lora-1b-plain", "lora-1b", "1b", "lora", "plain", 8, 1024),
     Variant("lora-1b-auto", "lora-1b", "1b", "lora", "auto", 8, 1024),
+    Variant("lora-1b-auto-fusedlora", "lora-1b", "1b", "lora", "auto", 8, 1024, fused_lora=True),
     Variant("full-1b-plain", "full-1b", "1b", "full", "plain", 8, 1024),
     Variant("full-1b-auto", "full-1b", "1b", "full", "auto", 8, 1024),
     Variant("varlen-1b-plain-padded", "varlen-1b", "1b", "lora", "plain", 8, 1024, varlen=True),
@@ -188,6 +190,8 @@ def run_auto(v: Variant, device: str) -> dict:
                             compile_layers=v.compile_layers, checkpointing=v.checkpointing)
     if not v.liger:
         plan = dataclasses.replace(plan, liger=False)
+    if v.fused_lora:
+        plan = dataclasses.replace(plan, fused_lora=True)
     if v.pack_mixed is not None:
         plan = dataclasses.replace(plan, pack_mixed_lengths=v.pack_mixed)
     model = build_model(v.shape, device)  # already bf16 on the GPU, as speed.place leaves a base

@@ -57,6 +57,7 @@ def test_qlora_trains_on_a_gpu(sft_recipe, tmp_path):
     result = run(sft_recipe, overrides={"method": "qlora"}, output_dir=tmp_path / "runs", register=False)
     assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
     assert result.tuned["perplexity"] < result.base["perplexity"]
+    assert result.training["evaluation"] == "cuda 4-bit"
 
 
 def test_report_to_a_missing_tracker_fails_before_loading(classification_recipe, tmp_path, monkeypatch):

@@ -33,8 +33,16 @@ def test_evaluate_run_reproduces_the_runs_own_metrics(classification_run):
     assert again["significance"]["accuracy"]["p_value"] == pytest.approx(recorded["significance"]["accuracy"]["p_value"])
 
 
-def test_sft_run_reproduces_its_metrics(sft_recipe, tmp_path):
-    run_dir = run(sft_recipe, output_dir=tmp_path / "runs", register=False).run_dir
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("placed", ["as planned here", "bfloat16 on the CPU"])
+def test_sft_run_reproduces_its_metrics(sft_recipe, tmp_path, monkeypatch, method, placed):
+    from domaintune.train import speed
+
+    # On a GPU a run trains and evaluates in bfloat16 there; `eval` places the model the same way.
+    # The second case shows that on the CPU.
+    if placed != "as planned here":
+        monkeypatch.setattr(speed, "plan_speed", lambda *args, **kwargs: speed.SpeedPlan(bf16=True))
+    run_dir = run(sft_recipe, overrides={"method": method}, output_dir=tmp_path / "runs", register=False).run_dir
     recorded = json.loads((run_dir / "metrics.json").read_text())
     again = evaluate_run(run_dir)
     for model in ("base", "tuned"):

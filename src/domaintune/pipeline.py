@@ -238,7 +238,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
                         timings: dict[str, float], init_from: Path | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.train.classification import (MeanPoolClassifier, embed_texts, fit_probe, init_head_from_probe,
                                                  predict_proba, save_classifier, train_classifier)
-    from domaintune.train.speed import accelerated, cpu_plan
+    from domaintune.train.speed import accelerated, cpu_plan, placement
 
     labels = data.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -276,7 +276,7 @@ def _run_classification(spec: Recipe, base, data: PreparedData, run_dir: Path, c
     console.print(f"training {trainable:,} of {total:,} parameters")
     held_out = evaluation[:spec.training.eval_rows]  # for training.eval_every
     plan = cpu_plan(spec.training.speed)  # classification models are small: they train on the CPU
-    training = {"processes": distributed.world_size(), **plan.describe()}
+    training = {"processes": distributed.world_size(), **plan.describe(), "evaluation": placement(model)}
     with accelerated(model, plan):
         log = train_classifier(model, tokenizer, train_texts, train_y.tolist(), loop=_loop_config(spec, run_dir),
                                batch_size=int(spec.training.batch_size), max_length=max_len, console=console,
@@ -322,7 +322,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                 preference: PreferencePhase | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.evaluate.run_eval import score_causal, sft_max_new_tokens
     from domaintune.train.causal import ensure_chat_template, pack_text, save_causal, tokenize_chat, train_causal
-    from domaintune.train.speed import accelerated, place, plan_speed, release
+    from domaintune.train.speed import accelerated, place, placement, plan_speed
 
     clock = time.perf_counter()
     tokenizer = catalog.load_tokenizer(base)
@@ -366,6 +366,10 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     def evaluate(name: str) -> tuple[dict, dict, list[str]]:
         return score_causal(model, tokenizer, spec, evaluation, max_new, console, name)
 
+    plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
+                      checkpointing=spec.training.activation_checkpointing, fsdp=sharded)
+    model = place(model, plan, spec.method)  # base and tuned are evaluated where training runs
+    training = {"processes": distributed.world_size(), **plan.describe(), "evaluation": placement(model)}
     base_metrics, base_scores, base_out = ({}, {}, []) if worker else evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
@@ -373,17 +377,13 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
         distributed.wait_for_main()
 
     clock = time.perf_counter()
-    plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
-                      checkpointing=spec.training.activation_checkpointing, fsdp=sharded)
-    training = {"processes": distributed.world_size(), **plan.describe()}
     seed_everything(spec.training.seed)  # adapters start from random weights: the seed's, in every process
     if init_from is not None:  # an update continues from that run's weights
         from domaintune.update.warm_start import continue_causal
 
-        model = place(continue_causal(place(model, plan, spec.method), init_from, spec.method), plan, spec.method)
+        model = place(continue_causal(model, init_from, spec.method), plan, spec.method)  # a saved full model loads on the CPU
     else:
-        model = apply_method(place(model, plan, spec.method), spec, task_type="CAUSAL_LM",
-                             tokenizer_path=str(base.path))
+        model = apply_method(model, spec, task_type="CAUSAL_LM", tokenizer_path=str(base.path))
     trainable, total = count_parameters(model)
     console.print(f"training {trainable:,} of {total:,} parameters on {len(train_rows)} sequences ({plan.device})")
     if preference is not None:
@@ -395,7 +395,6 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
         if preference is not None:
             preference.train(model, tokenizer, _loop_config(spec, run_dir / "preference"), console)
     distributed.end_training()  # under torchrun, rank 0 alone goes on to evaluate and write the run
-    model = release(model, plan, spec.method)
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -418,7 +417,8 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     result.intervals, result.extra = compared.intervals, compared.extra
     clock = time.perf_counter()
     result.extra.update(causal_extras(
-        spec, model, tokenizer, lambda: load_quantized_causal_lm(base.path) if spec.method == "qlora" else catalog.load_causal_lm(base),
+        spec, model, tokenizer,
+        lambda: load_quantized_causal_lm(base.path) if spec.method == "qlora" else place(catalog.load_causal_lm(base), plan, spec.method),
         clean_train, evaluation, canaries, console))
     timings["extras_s"] = time.perf_counter() - clock
     return result, log

@@ -43,14 +43,23 @@ class LoadedRun:
     labels: list[str]  # classification only
 
     def load_base(self):
-        """A fresh copy of the untuned base (the encoder, for classification)."""
+        """A fresh copy of the untuned base (the encoder, for classification); a causal LM placed
+        as the run's recipe trains it on this machine (``speed.place``), where the run evaluated."""
         if self.spec.task == "classification":
             return catalog.load_encoder(self.base)
         if self.spec.method == "qlora":
             from domaintune.train.methods import load_quantized_causal_lm
 
             return load_quantized_causal_lm(self.base.path)
-        return catalog.load_causal_lm(self.base)
+        from domaintune.train.speed import place
+
+        return place(catalog.load_causal_lm(self.base), self.placement_plan(), self.spec.method)
+
+    def placement_plan(self):
+        from domaintune.train.speed import plan_speed
+
+        return plan_speed(self.spec.training.speed, None, self.spec.method,
+                          fsdp=self.spec.training.distributed == "fsdp")
 
 
 def run_base(run_dir: Path, spec: Recipe) -> catalog.BaseModel:
@@ -82,7 +91,10 @@ def load_run_model(run_dir: str | Path) -> LoadedRun:
     else:
         from domaintune.train.causal import load_causal
 
-        partial.model = load_causal(adapter, partial.load_base)
+        from domaintune.train.speed import place
+
+        # a saved full model loads on the CPU in float32
+        partial.model = place(load_causal(adapter, partial.load_base), partial.placement_plan(), spec.method)
     return partial
 
 

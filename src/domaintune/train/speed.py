@@ -97,20 +97,36 @@ def cpu_plan(setting: str, checkpointing: float = 0.0, fsdp: bool = False) -> Sp
 
 
 def place(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
-    """Move a model to the plan's device and dtype. Place a base before PEFT wraps it, so that its
-    adapter weights are made next to it in float32; a model already wrapped only moves."""
-    if plan.device == "cpu" or plan.fsdp or method == "qlora":  # a 4-bit base is already on its GPU
+    """Move a model to the plan's device and dtype, where it is evaluated before and after training
+    as well as trained, so that base and tuned are scored alike (and on a GPU, fast). Place a base
+    before PEFT wraps it, so that its adapter weights are made next to it in float32; a model
+    already wrapped only moves. Under FSDP the whole model stays on the CPU (only its shards go to
+    the GPUs: the whole may not fit one), and a 4-bit base is on its GPU already."""
+    if plan.fsdp or method == "qlora":
         return model
     if hasattr(model, "get_base_model") or not plan.bf16:
         return model.to(device=plan.device)
     return model.to(device=plan.device, dtype=torch.bfloat16)
 
 
+def placement(model: torch.nn.Module) -> str:
+    """Where ``model`` runs, for lineage.json: its device and the dtype of most of its weights
+    (``4-bit`` for a bitsandbytes-quantised base)."""
+    counts: dict[tuple[str, torch.dtype], int] = {}
+    for p in model.parameters():
+        key = (p.device.type, p.dtype)
+        counts[key] = counts.get(key, 0) + p.numel()
+    device, dtype = max(counts, key=counts.get)
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        return f"{device} 4-bit"  # qlora's base is the only quantised model domaintune loads
+    return f"{device} {str(dtype).removeprefix('torch.')}"
+
+
 @contextmanager
 def accelerated(model: torch.nn.Module, plan: SpeedPlan) -> Iterator[torch.nn.Module]:
     """While inside, the (possibly PEFT-wrapped) model runs with the planned kernels, activation
-    checkpointing and compiled layers; on leaving, all of it is undone, so that evaluation (on the
-    CPU, see ``release``) and every other model of the process see plain transformers again."""
+    checkpointing and compiled layers; on leaving, all of it is undone, so that evaluation and every
+    other model of the process see plain transformers again."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = decoder_layers(base)
     undo_liger = _patch_liger(base) if plan.liger else None
@@ -161,15 +177,6 @@ def _patch_liger(base: torch.nn.Module) -> Callable[[], None] | None:
                 if name in vars(module) and name not in before:
                     delattr(module, name)
     return undo
-
-
-def release(model: torch.nn.Module, plan: SpeedPlan, method: str) -> torch.nn.Module:
-    """Back to the CPU in float32 after training, where evaluation and saving run."""
-    if plan.device == "cpu" or method == "qlora":
-        return model
-    model = model.to(device="cpu", dtype=torch.float32)
-    torch.cuda.empty_cache()
-    return model
 
 
 def decoder_layers(base: torch.nn.Module) -> list[torch.nn.Module]:
