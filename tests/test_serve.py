@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from fastapi.testclient import TestClient
 
@@ -206,6 +207,38 @@ def test_adapters_batched_together_answer_as_when_alone(colour_runs):
     assert answers["colours-a"] != answers["colours-b"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_causal_models_are_served_there_and_answer_as_their_run_evaluated(colour_runs, intent_run):
+    from rich.console import Console
+
+    from domaintune.evaluate.run_eval import load_run_model
+    from domaintune.train.causal import generate, render
+    from domaintune.train.speed import placement
+
+    config = ServeConfig(models={"colours-a": colour_runs["a"], "intents": intent_run}, device="cuda")
+    with TestClient(create_app(config)) as client:
+        pool = client.app.state.server.pool
+        assert client.get("/health").json()["device"] == "cuda"
+        assert placement(pool.get("colours-a").backend.model) == "cuda bfloat16"  # the adapter stays float32
+        assert placement(pool.get("intents").backend.model) == "cpu float32"
+        replies = [client.post("/v1/chat/completions", json=chat_body("colours-a", q)) for q in QUESTIONS]
+        assert all(r.status_code == 200 for r in replies), replies[0].text
+        answers = [r.json()["choices"][0]["message"]["content"].strip() for r in replies]
+        # sampling, log-probs, penalties and biases all run on the GPU's tensors; a seed repeats
+        sampled = [client.post("/v1/chat/completions", json=chat_body(
+            "colours-a", QUESTIONS[0], temperature=0.9, top_p=0.9, seed=5, logprobs=True, top_logprobs=2,
+            logit_bias={"5": 3}, frequency_penalty=0.5, presence_penalty=0.2)) for _ in range(2)]
+        assert sampled[0].status_code == 200, sampled[0].text
+        assert sampled[0].json()["choices"][0] == sampled[1].json()["choices"][0]
+        assert client.post("/v1/classify", json={"model": "intents", "input": ["where is my parcel"]}).status_code == 200
+    run_model = load_run_model(colour_runs["a"])  # placed as the run's evaluation was: the same weights
+    assert placement(run_model.model) == "cuda bfloat16"
+    tokenizer = run_model.tokenizer
+    prompts = [tokenizer(render(tokenizer, [{"role": "user", "content": q}], True), add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS]
+    assert answers == generate(run_model.model, tokenizer, prompts, 4, 1, Console(quiet=True), "reference")
+
+
 # -- in-process API checks -----------------------------------------------------------------------------
 
 
@@ -252,7 +285,8 @@ def test_auth_errors_in_openai_shape(api):
     scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
     assert _error(api.post("/v1/classify", json={"model": "intents", "input": "x"}, headers=scoped), 403)["type"] == \
         "permission_error"
-    assert api.get("/health", headers={"Authorization": ""}).status_code == 200  # probes need no key
+    health = api.get("/health", headers={"Authorization": ""})  # probes need no key
+    assert health.status_code == 200 and health.json()["device"] == "cpu"
 
 
 def test_keys_file_errors(tmp_path):
@@ -361,3 +395,8 @@ def test_cli_errors_exit_2(tmp_path):
     assert runner.invoke(app, ["--model", "no-equals-sign"]).exit_code == 2
     not_a_run = runner.invoke(app, ["--model", f"x={tmp_path}"])
     assert not_a_run.exit_code == 2 and "not a run directory" in not_a_run.output
+    unknown = runner.invoke(app, ["--device", "tpu", "--model", f"x={tmp_path}"])
+    assert unknown.exit_code == 2 and "unknown device 'tpu'" in unknown.output and "auto, cpu, cuda" in unknown.output
+    if not torch.cuda.is_available():  # before any model is read, so the folder need not be a run
+        no_gpu = runner.invoke(app, ["--device", "cuda", "--model", f"x={tmp_path}"])
+        assert no_gpu.exit_code == 2 and "no CUDA GPU is visible" in no_gpu.output

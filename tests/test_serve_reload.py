@@ -110,6 +110,6 @@ def test_a_registry_that_cannot_be_read_is_polled_again(tmp_path):
         wait_until(lambda: poll_errors(client) >= 2, "a second poll failed after the first")
         path.unlink()
         wait_until(path.exists, "a poll recreated the registry")  # opening a registry creates and migrates it
-        assert client.get("/health").json() == {"status": "ok", "models": 0}
+        assert client.get("/health").json() == {"status": "ok", "models": 0, "device": "cpu"}
     with Registry(f"sqlite:///{path}") as registry:
         assert registry.list() == []

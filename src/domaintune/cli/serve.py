@@ -23,7 +23,8 @@ def serve(
     registry_url: Annotated[Optional[str], typer.Option(help="Registry database URL (default: $DOMAINTUNE_REGISTRY_URL, else the local one).")] = None,
     poll_seconds: Annotated[float, typer.Option(help="How often to check the registry for promotions (SIGHUP checks at once).")] = 30.0,
     api_keys: Annotated[Optional[Path], typer.Option(help="Keys file (YAML/JSON: hashed keys, allowed models, rate limits). Without it anyone who can connect may call any model.")] = None,
-    engine: Annotated[str, typer.Option(help="transformers (on the CPU, float32, whatever GPUs there are) or vllm (GPU, with vLLM installed; not available yet).")] = "transformers",
+    engine: Annotated[str, typer.Option(help="transformers (on --device) or vllm (GPU, with vLLM installed; not available yet).")] = "transformers",
+    device: Annotated[str, typer.Option(help="Where the transformers engine runs causal LMs: auto (a CUDA GPU when one is visible, in bfloat16; else the CPU in float32), cpu or cuda. Classifiers run on the CPU.")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Most requests generated together in one batch.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 1_000_000,
@@ -40,6 +41,9 @@ def serve(
     """
     try:
         check_engine(engine)
+        from domaintune.serve.pool import serving_device
+
+        serving_device(device)  # before any model is read
         models = dict(parse_model(item) for item in (model or []))
         if not models and not registry_stage:
             raise DomaintuneError("nothing to serve", hint="add --model NAME=RUN_DIR or --registry-stage production")
@@ -55,7 +59,7 @@ def serve(
                 models=models, registry_url=registry_url, registry_stage=registry_stage, poll_seconds=poll_seconds,
                 api_keys=api_keys, max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_bytes=max_request_bytes,
                 max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, redact_pii=redact_pii,
-                log_bodies=log_bodies, feedback_db=feedback_db))
+                log_bodies=log_bodies, feedback_db=feedback_db, device=device))
     except DomaintuneError as exc:
         fail(exc)
     err.print(f"serving on http://{host}:{port}/v1", highlight=False)

@@ -54,6 +54,7 @@ class ServeConfig:
     log_bodies: bool = False
     feedback_db: Path | None = None
     response_log_size: int = 10_000
+    device: str = "cpu"  # where causal LMs run: cpu, cuda, or auto (a GPU when one is visible; the CLI's default)
 
 
 class Server:
@@ -64,7 +65,7 @@ class Server:
         self.metrics = Metrics()
         self.keys = KeyRing.from_file(config.api_keys) if config.api_keys else KeyRing(None)
         self.pool = ModelPool(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                              on_batch=self.metrics.batch_rows.observe)
+                              on_batch=self.metrics.batch_rows.observe, device=config.device)
         for name, run_dir in config.models.items():
             self.pool.load(name, run_dir)
         self.metrics.models.set(len(self.pool.routes))
@@ -197,7 +198,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": len(server.pool.routes)}
+        return {"status": "ok", "models": len(server.pool.routes), "device": server.pool.device}
 
     @app.get("/metrics")
     async def metrics() -> Response:

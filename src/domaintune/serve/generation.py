@@ -144,7 +144,7 @@ class _RowLimits(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         produced = input_ids.shape[1] - self.width
-        return torch.tensor([produced >= r.max_new_tokens or r.cancelled() for r in self.rows])
+        return torch.tensor([produced >= r.max_new_tokens or r.cancelled() for r in self.rows], device=input_ids.device)
 
 
 class _RowStreamer(BaseStreamer):
@@ -185,8 +185,9 @@ def generate_rows(model, rows: list[Row], *, pad_id: int, stop_ids: list[int],
     """Complete ``rows`` in one left-padded batch; ``on_token(row_index, token)`` is called for
     every generated token (stop tokens excluded) and each row's ``finish_reason`` is set."""
     width = max(len(r.prompt_ids) for r in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-    attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+    input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=model.device)
+    attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+                             device=model.device)
     extra = {}
     if hasattr(model, "peft_config"):
         extra["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]

@@ -4,6 +4,9 @@ copy under its own PEFT adapter name, and the name clients send in ``model`` rou
 All model work (generation, classification, attaching and detaching adapters) runs under one
 lock, so an adapter is never swapped under a running batch. A replaced or unloaded model stops
 taking requests at once and is detached when its last request has finished.
+
+Causal LMs run on the pool's ``device``: on a CUDA GPU in bfloat16 (where the GPU has it), the
+weights a run trained and evaluated there; classifiers (small encoders) stay on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ from domaintune import catalog
 from domaintune.errors import DomaintuneError, ModelError
 from domaintune.serve.batcher import Batcher
 from domaintune.serve.generation import Row, generate_rows
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def serving_device(choice: str) -> str:
+    """``cpu`` or ``cuda`` for ``choice`` (``auto``: a CUDA GPU when one is visible); raises
+    ``DomaintuneError`` for a device that is unknown or not here."""
+    import torch
+
+    if choice not in DEVICES:
+        raise DomaintuneError(f"unknown device {choice!r}", hint=f"use one of {', '.join(DEVICES)}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DomaintuneError("device cuda: no CUDA GPU is visible", hint="use --device cpu, or auto")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
 
 
 @dataclass
@@ -67,10 +86,12 @@ class Served:
 class ModelPool:
     """Loads run directories, routes names to them, and runs their requests.
 
-    ``max_batch`` and ``max_wait_ms`` set the dynamic batching of each base (see ``Batcher``).
+    ``max_batch`` and ``max_wait_ms`` set the dynamic batching of each base (see ``Batcher``);
+    ``device`` (one of ``DEVICES``) is where causal LMs run.
     """
 
-    def __init__(self, *, max_batch: int = 16, max_wait_ms: float = 5.0, on_batch=None):
+    def __init__(self, *, max_batch: int = 16, max_wait_ms: float = 5.0, on_batch=None, device: str = "cpu"):
+        self.device = serving_device(device)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
@@ -189,13 +210,13 @@ class ModelPool:
         ensure_chat_template(tokenizer)
         task = recipe.get("task", "sft")
         if not (adapter_dir / "adapter_config.json").is_file():  # method: full, a model of its own
-            model = load_causal(adapter_dir, None)
+            model = self._placed(load_causal(adapter_dir, None))
             backend = Backend(key=f"run:{adapter_dir}", kind="causal", model=model, max_context=_max_context(model))
             self._start(backend, tokenizer, model)
             self.backends[backend.key] = backend
             return Served(name, task, backend, None, tokenizer, recipe["base_model"])
         backend, adapter, created = self._attach(str(base.path), adapter_dir,
-                                                 lambda: catalog.load_causal_lm(base), "causal")
+                                                 lambda: self._placed(catalog.load_causal_lm(base)), "causal")
         if created:
             base_tokenizer = catalog.load_tokenizer(base)
             ensure_chat_template(base_tokenizer)
@@ -204,6 +225,16 @@ class ModelPool:
             if base_name not in self.routes:
                 self.routes[base_name] = Served(base_name, "base", backend, None, base_tokenizer, recipe["base_model"])
         return Served(name, task, backend, adapter, tokenizer, recipe["base_model"])
+
+    def _placed(self, model):
+        """A causal LM on the serving device, placed before PEFT attaches adapters (which then
+        stay float32 beside a bfloat16 base, as in training)."""
+        if self.device == "cpu":
+            return model
+        import torch
+
+        bf16 = {"dtype": torch.bfloat16} if torch.cuda.is_bf16_supported() else {}
+        return model.to(device=self.device, **bf16)
 
     def _start(self, backend: Backend, tokenizer, model) -> None:
         from domaintune.train.causal import stop_token_ids
