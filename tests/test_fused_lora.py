@@ -106,3 +106,65 @@ def test_the_lora_benchmark_runs_both_ways():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"PEFT", "fused"} <= rows and "fused / PEFT:" in done.stdout, done.stdout
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_under_autocast_float32_adapters_on_a_bfloat16_base_fuse_and_write_less(device, monkeypatch):
+    """As a GPU trains: PEFT casts each layer's input to float32 and autocast casts it back; the
+    fused forward lets autocast cast only the adapter weights. Same loss and gradients within
+    bfloat16 rounding, every layer fused, less written and less kept for backward."""
+    bench = _bench("lora_saved")
+    model = bench.build("tiny", device)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def run(fused: bool):
+        loss, kept, written = bench.step(model, ids, fused, count=True)
+        return loss, kept, written, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    peft_loss, peft_kept, peft_written, peft_grads = run(False)
+    calls = []
+    original = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    fused_loss, fused_kept, fused_written, fused_grads = run(True)
+    assert calls == []  # no layer fell back to PEFT's forward
+    assert fused_loss == pytest.approx(peft_loss, rel=1e-2)
+    assert fused_grads.keys() == peft_grads.keys() and len(peft_grads) == 2 * 2 * len(TARGETS)
+    for name, grad in peft_grads.items():
+        assert float((fused_grads[name] - grad).norm() / grad.norm()) < 0.05, name
+    assert fused_written < 0.8 * peft_written and fused_kept < peft_kept
+
+
+def test_mixed_dtypes_outside_autocast_keep_peft_s_forward(monkeypatch):
+    model = _bench("lora_saved").build("tiny", "cpu")  # a bfloat16 base, float32 adapters
+    calls = []
+    original = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with fused_lora(model), torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (2, 5)))
+    assert len(calls) == 2 * len(TARGETS)
+
+
+def test_the_autocast_benchmark_runs_both_ways():
+    """bench/lora_saved.py on a small shape (its 1B-shaped numbers are in bench/README.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "lora_saved.py"
+    done = subprocess.run([sys.executable, str(bench), "--tiny", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"PEFT", "fused"} <= rows and "written, fused / PEFT:" in done.stdout, done.stdout

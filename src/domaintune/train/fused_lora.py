@@ -9,9 +9,19 @@ value comes from scaling the rank-r intermediate instead (r numbers per token, n
 width) and adding lora_B's product onto the base's output inside one ``addmm``: a SmolLM2-135M
 step 1.02-1.03x, and 0.44 GB less peak memory over a run (bench/README.md).
 
+On a GPU, training runs under bfloat16 autocast with float32 adapters beside a bfloat16 base.
+There PEFT first casts each LoRA layer's input to float32 (the adapter's dtype) and autocast casts
+it back to bfloat16 for lora_A's product, which then keeps that copy for backward: two passes over
+the input and one more saved activation per adapted layer (seven per Llama block, the MLP's
+down projection's input the widest). Under autocast the fused forward hands the input to lora_A
+as it is and lets autocast cast the small adapter weights: the layer's backward keeps the input
+itself, shared with the other layers that read it (measured by the bytes saved for backward:
+tests/test_fused_lora.py, ``bench/lora_saved.py``).
+
 Only plain LoRA on ``nn.Linear`` layers takes this path, one adapter active, unmerged; every
 other case (DoRA, a bias on lora_B, several adapters, adapters switched off, a mixed batch of
-adapters) runs PEFT's own forward. Used on the CPU (``SpeedPlan.fused_lora``).
+adapters, mixed dtypes outside autocast) runs PEFT's own forward. On under ``training.speed:
+auto`` on the CPU (``SpeedPlan.fused_lora``); on a GPU not until measured there.
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _plain_adapter(layer, x: torch.Tensor) -> str | None:
-    """The one active adapter, where the call is plain LoRA in one dtype (PEFT casts between
-    dtypes: that is left to it); else None."""
+    """The one active adapter, where the call is plain LoRA in one dtype or under autocast (which
+    casts each product's operands itself); else None: PEFT's casts between dtypes are left to it."""
     adapters = layer.active_adapters
     if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A:
         return None
+    if torch.is_autocast_enabled(x.device.type):
+        return adapters[0]
     a, b = layer.lora_A[adapters[0]], layer.lora_B[adapters[0]]
     return adapters[0] if x.dtype == a.weight.dtype == b.weight.dtype == layer.get_base_layer().weight.dtype else None
 
