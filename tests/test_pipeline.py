@@ -43,6 +43,8 @@ def _check_run_dir(result, task: str, method: str) -> dict:
     assert lineage["training"]["processes"] == 1 and lineage["training"]["device"] == ("cpu" if on_cpu else "cuda")
     assert lineage["training"]["sparse_dropout"] is on_cpu and lineage["training"]["fused_lora"] is on_cpu
     assert lineage["training"]["evaluation"] == ("cpu float32" if on_cpu else "cuda bfloat16")
+    assert f"scored with their weights in {lineage['training']['evaluation'].replace(' ', ', ')};" in \
+        (run_dir / "model_card.md").read_text()
     assert lineage["machine"]["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

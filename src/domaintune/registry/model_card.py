@@ -44,7 +44,7 @@ def write_model_card(run_dir: Path, registry: dict[str, Any] | None = None) -> P
         _details(recipe, metrics, lineage, registry),
         _intended_use(recipe),
         _factors(metrics),
-        _metrics(recipe, metrics),
+        _metrics(recipe, metrics, lineage),
         _evaluation_data(metrics, data),
         _training_data(lineage, data),
         _quantitative(recipe, metrics),
@@ -99,10 +99,14 @@ def _factors(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _metrics(recipe: dict, metrics: dict) -> str:
+def _metrics(recipe: dict, metrics: dict, lineage: dict) -> str:
     names = ", ".join(name for name, _, _ in headline(recipe["task"], metrics["base"], metrics["tuned"]))
     lines = ["## Metrics", f"- {names}, for the base and the tuned model on the same held-out rows, with 95% "
              "bootstrap intervals; the change is paired (the same rows resampled for both)."]
+    placed = lineage.get("training", {}).get("evaluation")
+    if placed:  # bfloat16 weights on a GPU score a little differently from float32 on a CPU
+        lines.append(f"- Both scored with their weights in {placed.replace(' ', ', ')}; `domaintune eval` places them "
+                     "the same way on a machine like this one.")
     for name, test in metrics.get("significance", {}).items():
         lines.append(f"- {name}: p = {test['p_value']:.2g} ({test.get('method', '')}) that the change is chance.")
     if "ece" in metrics["tuned"]:
