@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from domaintune.progress import Progress
 from domaintune.train import distributed, fsdp
+from domaintune.train.bf16_adamw import BF16AdamW
 from domaintune.train.checkpoint import (TrainState, load_checkpoint, load_trainable_state, save_checkpoint,
                                          trainable_state)
 from domaintune.train.trackers import open_tracker
@@ -110,9 +111,13 @@ def train_loop(
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
     groups = [g for g in groups if g["params"]]
-    # one fused kernel for the whole step instead of several per tensor, where the weights are on a GPU
-    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True if on_gpu else None)
+    if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+        # full fine-tuning on a GPU: rounded to nearest, bfloat16 weights would lose most updates
+        optimizer = BF16AdamW(groups, lr=config.learning_rate, seed=config.seed)
+    else:
+        # one fused kernel for the whole step instead of several per tensor, where the weights are on a GPU
+        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True if on_gpu else None)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     checkpoint_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
     main = distributed.is_main()

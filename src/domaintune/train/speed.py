@@ -6,7 +6,8 @@ On a CUDA GPU, ``auto`` trains causal LMs in bfloat16 on the GPU with:
 - the loss taken from the last hidden states without materialising the logits
   (``linear_cross_entropy``): the vocabulary projection and cross-entropy run chunk by chunk, so
   the (tokens x vocabulary) logits, the largest activation of a small model, never exist whole;
-- the fused AdamW step (``train.loop`` picks it for parameters on a GPU);
+- the fused AdamW step (``train.loop`` picks it for float32 parameters on a GPU; full fine-tuning's
+  bfloat16 weights step with stochastic rounding instead, ``train.bf16_adamw``);
 - optionally ``torch.compile`` of each decoder layer (``compile_layers``), and activation
   checkpointing of a share of the layers (``training.activation_checkpointing``).
 The kernels are in place only inside ``accelerated(model, plan)``.

@@ -1,0 +1,154 @@
+"""train/bf16_adamw.py: AdamW whose bfloat16 weights are rounded back stochastically."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from domaintune.train import bf16_adamw
+from domaintune.train.bf16_adamw import BF16AdamW, round_stochastically_
+
+
+def test_float32_weights_follow_torch_s_adamw():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]  # noqa: E731
+    a, b = BF16AdamW(groups(ours), lr=1e-2), torch.optim.AdamW(groups(theirs), lr=1e-2)
+    for step in range(6):
+        for opt in (a, b):
+            opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 1e-2 / (step + 1)  # as a schedule sets it
+        grads = [torch.randn_like(w) for w in weights]
+        for ps in (ours, theirs):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        a.step(), b.step()
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_rounding_keeps_the_expected_value_and_lands_on_a_neighbour():
+    value = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way from 1 to bfloat16's next value up
+    out = torch.empty(value.shape, dtype=torch.bfloat16)
+    round_stochastically_(out, value, torch.Generator().manual_seed(0))
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert float(out.float().mean()) == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])  # bfloat16 values stay as they are
+    kept = torch.empty(3, dtype=torch.bfloat16)
+    round_stochastically_(kept, exact, torch.Generator().manual_seed(1))
+    assert kept.float().tolist() == exact.tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_small_steps_move_bfloat16_weights_that_nearest_rounding_freezes(device):
+    """A norm weight of 1.0 with a steady gradient: each AdamW step is about lr = 5e-5, a
+    hundredth of bfloat16's spacing at 1.0 (2^-7)."""
+    def after(optimizer_class, steps: int = 400) -> torch.Tensor:
+        weight = torch.ones(4096, dtype=torch.bfloat16, device=device, requires_grad=True)
+        optimizer = optimizer_class([weight], lr=5e-5, weight_decay=0.0)
+        for _ in range(steps):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+        return weight.detach().float()
+
+    assert torch.equal(after(torch.optim.AdamW).cpu(), torch.ones(4096))  # nearest rounding: no step ever lands
+    moved = after(BF16AdamW).cpu()
+    assert float(moved.mean()) == pytest.approx(1 - 400 * 5e-5, abs=2e-3)  # the float32 trajectory, on average
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _markov_batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    successors = torch.randint(0, 256, (256, 4), generator=g)
+    batches = []
+    for _ in range(n):
+        seq = [torch.randint(0, 256, (8,), generator=g)]
+        for _ in range(47):
+            seq.append(successors[seq[-1], torch.randint(0, 4, (8,), generator=g)])
+        batches.append(torch.stack(seq, 1))
+    return batches
+
+
+def _train(model, optimizer, batches) -> float:
+    for ids in batches:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        model = copy.deepcopy(model).float()
+        return sum(float(model(input_ids=ids, labels=ids).loss) for ids in batches[:10]) / 10
+
+
+def test_full_fine_tuning_in_bfloat16_learns_like_float32():
+    """The default full fine-tuning learning rate (5e-5) on bfloat16 weights: torch's AdamW falls
+    behind float32 training; stochastic rounding keeps up."""
+    batches = _markov_batches(120)
+    base = _llama()
+    fp32 = copy.deepcopy(base)
+    loss32 = _train(fp32, torch.optim.AdamW(fp32.parameters(), lr=5e-5), batches)
+    nearest = copy.deepcopy(base).to(torch.bfloat16)
+    loss_nearest = _train(nearest, torch.optim.AdamW(nearest.parameters(), lr=5e-5), batches)
+    stochastic = copy.deepcopy(base).to(torch.bfloat16)
+    loss_stochastic = _train(stochastic, BF16AdamW(stochastic.parameters(), lr=5e-5), batches)
+    start = _train(copy.deepcopy(base), torch.optim.SGD(base.parameters(), lr=0.0), batches[:10])
+    # measured: 5.551 before; float32 5.294, nearest 5.427, stochastic 5.294
+    assert loss32 < start - 0.2  # float32 training learns something in these steps
+    assert loss_stochastic == pytest.approx(loss32, abs=0.03)
+    assert loss_nearest > loss32 + 0.08
+
+
+def test_a_resumed_optimiser_rounds_as_an_uninterrupted_one(monkeypatch):
+    monkeypatch.setattr(bf16_adamw, "CHUNK", 100)  # the chunked path too: the weight has 256 elements
+    torch.manual_seed(0)
+    grads = [torch.randn(16, 16) for _ in range(6)]
+
+    def run(resume_at: int | None) -> torch.Tensor:
+        weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
+        optimizer = BF16AdamW([weight], lr=1e-3, seed=7)
+        for i, g in enumerate(grads):
+            if i == resume_at:  # a new optimiser from the saved state, as --resume makes one
+                saved = copy.deepcopy(optimizer.state_dict())
+                optimizer = BF16AdamW([weight], lr=1e-3, seed=7)
+                optimizer.load_state_dict(saved)
+            weight.grad = g.to(torch.bfloat16)
+            optimizer.step()
+        return weight.detach().clone()
+
+    assert torch.equal(run(None), run(3))
+    other = BF16AdamW([torch.zeros(1, dtype=torch.bfloat16, requires_grad=True)], seed=8)
+    assert other.seed != 7  # (the seed is the recipe's: another seed rounds otherwise)
+
+
+def test_the_training_loop_picks_it_for_bfloat16_weights_only(tmp_path):
+    from rich.console import Console
+
+    from domaintune.train.loop import LoopConfig, train_loop
+
+    seen = []
+    original = BF16AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = torch.nn.Linear(4, 1).to(dtype)
+        loop = LoopConfig(epochs=1, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0, seed=0)
+        BF16AdamW.step = spy
+        try:
+            train_loop(model, [{"params": list(model.parameters()), "weight_decay": 0.0}],
+                       lambda epoch: [torch.ones(2, 4, dtype=dtype)] * 3,
+                       lambda m, x: (m(x).float().pow(2).mean(), 2), loop, Console(quiet=True), "t")
+        finally:
+            BF16AdamW.step = original
+    assert seen == ["BF16AdamW"] * 3  # the three steps of the bfloat16 model, none of the float32 one
