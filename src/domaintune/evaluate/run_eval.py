@@ -56,6 +56,7 @@ class LoadedRun:
         return place(catalog.load_causal_lm(self.base), self.placement_plan(), self.spec.method)
 
     def placement_plan(self):
+        """The speed plan the run's recipe gets on this machine: what ``place`` needs."""
         from domaintune.train.speed import plan_speed
 
         return plan_speed(self.spec.training.speed, None, self.spec.method,
@@ -90,7 +91,6 @@ def load_run_model(run_dir: str | Path) -> LoadedRun:
         partial.model, partial.labels = load_classifier(adapter, partial.load_base)
     else:
         from domaintune.train.causal import load_causal
-
         from domaintune.train.speed import place
 
         # a saved full model loads on the CPU in float32
