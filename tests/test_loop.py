@@ -129,3 +129,29 @@ def test_same_seed_same_trajectory():
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
     _, other = _train(seed=1)
     assert [r["loss"] for r in other] != [r["loss"] for r in first]
+
+
+def test_running_out_of_gpu_memory_names_the_step_the_batch_and_what_to_change(tmp_path):
+    from domaintune.errors import ResourceError
+
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # as a CUDA allocation fails in the forward pass of the third step
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _mse(model, batch)
+
+    x, y = _data()
+    batches = lambda epoch: [{"input_ids": torch.zeros(8, 512, dtype=torch.long), "x": x[:8], "y": y[:8]}] * 8  # noqa: E731
+    config = LoopConfig(epochs=1, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0, seed=0,
+                        run_dir=tmp_path)
+    model = _model()
+    with pytest.raises(ResourceError) as info:
+        train_loop(model, param_groups(model.named_parameters(), 0.0), batches, loss_fn, config, QUIET)
+    message = str(info.value)
+    assert "out of GPU memory in step 3 of 8 (8 rows x 512 tokens)" in message
+    assert "training.batch_size" in message and "training.activation_checkpointing" in message
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # the steps before it were trained and logged

@@ -93,3 +93,19 @@ def test_cli_eval_prints_json_and_exits_3_on_a_failed_gate(classification_run):
     done = runner.invoke(app, ["eval", str(classification_run), "--gate", "tuned.accuracy > 1.5"])
     assert done.exit_code == 3
     assert "tuned.accuracy > 1.5 (" in done.output
+
+
+def test_running_out_of_gpu_memory_in_evaluation_says_which_setting_to_lower(sft_recipe, tmp_path, monkeypatch):
+    import torch
+
+    from domaintune.errors import ResourceError
+    from domaintune.train import causal
+
+    def generate(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(causal, "generate", generate)
+    with pytest.raises(ResourceError, match=r"out of GPU memory while evaluating the base model, 16 rows at a time"
+                                            r"(.|\n)*fix: lower evaluate.batch_size"):
+        run(sft_recipe, output_dir=tmp_path / "runs", register=False)
+    assert not list((tmp_path / "runs").rglob("metrics.json"))  # no run directory is left half-made

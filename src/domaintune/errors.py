@@ -33,3 +33,8 @@ class DataError(DomaintuneError):
 
 class ModelError(DomaintuneError):
     """A base model cannot be found or loaded."""
+
+
+class ResourceError(DomaintuneError):
+    """This machine cannot do what the recipe asks (e.g. it runs out of GPU memory); the hint
+    names the settings to lower."""

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from domaintune import catalog
 from domaintune.data.examples import ChatExample, TextExample
-from domaintune.errors import DataError, DomaintuneError
+from domaintune.errors import DataError, DomaintuneError, ResourceError
 from domaintune.evaluate import metrics as M
 from domaintune.evaluate.comparison import compare_classification, compare_generation
 from domaintune.evaluate.intervals import bootstrap_interval
@@ -212,15 +212,22 @@ def score_causal(model, tokenizer, spec: Recipe, evaluation: list[Example], max_
     """sft: exact match, ROUGE-L and perplexity on the answers; pretrain: perplexity. Returns the
     metrics, the per-row scores they average and the generated answers (both empty for pretrain).
     A run scores its base and tuned model here, and so do ``eval`` and ``update``."""
+    import torch
+
     from domaintune.train.causal import generate, pack_text, perplexity, prompt_ids, tokenize_chat
 
     ev, max_len = spec.evaluate, int(spec.training.max_seq_length)
-    if spec.task == "pretrain":
-        ppl, _ = perplexity(model, tokenizer, pack_text(tokenizer, [e.text for e in evaluation], max_len), ev.batch_size)
-        return {"perplexity": float(ppl)}, {}, []
-    prompts = [prompt_ids(tokenizer, e) for e in evaluation]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, ev.batch_size, console, f"{name}: generating")
-    ppl, _ = perplexity(model, tokenizer, [tokenize_chat(tokenizer, e, max_len) for e in evaluation], ev.batch_size)
+    try:
+        if spec.task == "pretrain":
+            ppl, _ = perplexity(model, tokenizer, pack_text(tokenizer, [e.text for e in evaluation], max_len),
+                                ev.batch_size)
+            return {"perplexity": float(ppl)}, {}, []
+        prompts = [prompt_ids(tokenizer, e) for e in evaluation]
+        outputs = generate(model, tokenizer, prompts, max_new_tokens, ev.batch_size, console, f"{name}: generating")
+        ppl, _ = perplexity(model, tokenizer, [tokenize_chat(tokenizer, e, max_len) for e in evaluation], ev.batch_size)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ResourceError(f"out of GPU memory while evaluating the {name} model, {ev.batch_size} rows at a time",
+                            hint="lower evaluate.batch_size") from exc
     metrics, per_row = M.generation_metrics(outputs, [e.answer for e in evaluation], ppl)
     return metrics, per_row, outputs
 

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from domaintune.errors import ResourceError
 from domaintune.progress import Progress
 from domaintune.train import distributed, fsdp
 from domaintune.train.bf16_adamw import BF16AdamW
@@ -169,16 +170,23 @@ def train_loop(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, step_tokens = 0.0, 0
-                for batch in micro_batches:
-                    loss, n_tokens = loss_fn(model, batch)
-                    (loss / len(micro_batches)).backward()
-                    loss_sum += float(loss.detach())
-                    step_tokens += n_tokens
-                if not sharded:  # FSDP averages the gradient shards in backward
-                    distributed.average_gradients(trainable)
-                state.tokens_seen += int(distributed.all_sum(step_tokens))
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
+                try:
+                    for batch in micro_batches:
+                        loss, n_tokens = loss_fn(model, batch)
+                        (loss / len(micro_batches)).backward()
+                        loss_sum += float(loss.detach())
+                        step_tokens += n_tokens
+                    if not sharded:  # FSDP averages the gradient shards in backward
+                        distributed.average_gradients(trainable)
+                    state.tokens_seen += int(distributed.all_sum(step_tokens))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                except torch.cuda.OutOfMemoryError as exc:
+                    raise ResourceError(
+                        f"out of GPU memory in step {state.step + 1} of {total_steps} ({_shape(micro_batches)})",
+                        hint="lower training.batch_size (raising training.gradient_accumulation_steps keeps the "
+                             "batch the optimiser sees) or training.max_seq_length, set "
+                             "training.activation_checkpointing (e.g. 0.5), or use method: qlora") from exc
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.elapsed_s = time.perf_counter() - started
@@ -220,6 +228,13 @@ def train_loop(
         console.print(f"stopped at step {state.step} of {total_steps}: {state.stopped}")
     model.eval()
     return state.log
+
+
+def _shape(micro_batches: list) -> str:
+    """What the failing step held, for the error: each batch's rows x tokens where known."""
+    shapes = [f"{b['input_ids'].shape[0]} rows x {b['input_ids'].shape[1]} tokens" for b in micro_batches
+              if isinstance(b, dict) and hasattr(b.get("input_ids"), "shape")]
+    return "; ".join(shapes) if shapes else f"{len(micro_batches)} batches"
 
 
 def _evaluate(model: torch.nn.Module, eval_loss: Callable[[torch.nn.Module], float], record: dict, state: TrainState,
