@@ -12,16 +12,18 @@
 # whole `run` (the registry included) and the server import beyond the machine's image.
 # Runs the GPU tests (the speed paths, qlora, a whole run evaluated on the GPU, `eval` reproducing it,
 # serving there, the fused LoRA forward under autocast, bfloat16 AdamW), bench/lora_saved.py (that forward's step
-# time and peak), then bench/gpu_train.py; logs and the JSON go to ${OUT:-.}. At most 180 + 60 + 300 s:
-# within one 600 s call (BUDGET=... VARIANT_TIMEOUT=... change the last part).
+# time and peak), bench/bf16_adamw.py (the optimiser step against torch's fused AdamW), then
+# bench/gpu_train.py, its variants in order until BUDGET; logs and the JSON go to ${OUT:-.}.
+# At most 150 + 45 + 75 + 300 s: within one 600 s call (BUDGET=... VARIANT_TIMEOUT=... change the last part).
 set -u
 OUT=${OUT:-.}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger-kernel', m.version('liger-kernel'))"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py \
   tests/test_methods.py tests/test_pipeline.py tests/test_run_eval.py tests/test_serve.py tests/test_fused_lora.py tests/test_bf16_adamw.py \
   -k "gpu or cuda or speed or packing or varlen or packed or sft_run or placed" 2>&1 | tee $OUT/pytest_gpu.log | tail -8
-timeout 60 python3 bench/lora_saved.py 2>&1 | tee $OUT/lora_saved.log
+timeout 45 python3 bench/lora_saved.py 2>&1 | tee $OUT/lora_saved.log
+timeout 75 python3 bench/bf16_adamw.py 2>&1 | tee $OUT/bf16_adamw.log
 python3 bench/gpu_train.py --timeout ${VARIANT_TIMEOUT:-150} --budget ${BUDGET:-300} --out $OUT/gpu_train.json "$@" 2>&1 | tee $OUT/gpu_train.log

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import warnings
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from domaintune.train import bf16_adamw
-from domaintune.train.bf16_adamw import BF16AdamW, round_stochastically_
+from domaintune.train.bf16_adamw import BF16AdamW, round_stochastically
 
 
 def test_float32_weights_follow_torch_s_adamw():
@@ -31,16 +33,17 @@ def test_float32_weights_follow_torch_s_adamw():
         torch.testing.assert_close(mine, reference)
 
 
-def test_rounding_keeps_the_expected_value_and_lands_on_a_neighbour():
-    value = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way from 1 to bfloat16's next value up
-    out = torch.empty(value.shape, dtype=torch.bfloat16)
-    round_stochastically_(out, value, torch.Generator().manual_seed(0))
-    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
-    assert float(out.float().mean()) == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rounding_keeps_the_expected_value_and_lands_on_a_neighbour(sign):
+    index = torch.arange(200_000)
+    value = torch.full((200_000,), sign * (1.0 + 2 ** -10))  # a quarter of the way to bfloat16's next value
+    out = round_stochastically(value, index, torch.tensor(5))
+    assert set(out.float().unique().tolist()) == {sign * 1.0, sign * (1.0 + 2 ** -7)}
+    assert float(out.float().mean()) == pytest.approx(sign * (1.0 + 2 ** -10), abs=2e-5)
     exact = torch.tensor([0.5, -3.0, 1.0 + 2 ** -7])  # bfloat16 values stay as they are
-    kept = torch.empty(3, dtype=torch.bfloat16)
-    round_stochastically_(kept, exact, torch.Generator().manual_seed(1))
-    assert kept.float().tolist() == exact.tolist()
+    assert round_stochastically(exact, torch.arange(3), torch.tensor(1)).float().tolist() == exact.tolist()
+    again = round_stochastically(value, index, torch.tensor(5))
+    assert torch.equal(out, again) and not torch.equal(out, round_stochastically(value, index, torch.tensor(6)))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -151,3 +154,66 @@ def test_the_training_loop_picks_it_for_bfloat16_weights_only(tmp_path):
         finally:
             BF16AdamW.step = original
     assert seen == ["BF16AdamW"] * 3  # the three steps of the bfloat16 model, none of the float32 one
+
+
+def _steps(compile: bool, device: str = "cpu") -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    weights = [torch.randn(shape, device=device).to(torch.bfloat16).requires_grad_() for shape in ((64, 48), (1000,))]
+    optimizer = BF16AdamW(weights, lr=1e-3, weight_decay=0.1, seed=3, compile=compile)
+    for step in range(5):
+        for w in weights:
+            w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(step)).to(device, torch.bfloat16)
+        optimizer.param_groups[0]["lr"] = 1e-3 / (step + 1)  # a schedule's new rate: no recompiling
+        optimizer.step()
+    return [w.detach().float().cpu() for w in weights]
+
+
+def _compiles_on_the_cpu() -> bool:
+    """Whether torch.compile works here (on the CPU it needs a C++ compiler and Python's headers)."""
+    if shutil.which("g++") is None:
+        return False
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).eq(3).all())
+    except Exception:
+        return False
+
+
+def test_the_compiled_update_computes_the_uncompiled_one(monkeypatch):
+    """What a GPU runs (one compiled kernel per tensor), here compiled for the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _compiles_on_the_cpu():
+        pytest.skip("torch.compile does not work on this machine's CPU")
+    monkeypatch.setattr(bf16_adamw, "_compiled", None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "the bfloat16 AdamW update could not be compiled")  # else it falls back
+        compiled = _steps(True, device)
+    for fast, plain in zip(compiled, _steps(False, device)):
+        # the same random bits; float32 arithmetic fused in another order may cross a rounding edge
+        assert float((fast != plain).float().mean()) < 0.01
+        torch.testing.assert_close(fast, plain, rtol=2e-2, atol=1e-3)
+
+
+def test_a_compile_that_fails_warns_and_runs_uncompiled(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(bf16_adamw, "_compiled", broken)
+    with pytest.warns(UserWarning, match="could not be compiled .*no compiler here"):
+        fallen_back = _steps(True)
+    assert bf16_adamw._compiled is False  # not tried again
+    assert all(torch.equal(a, b) for a, b in zip(fallen_back, _steps(False)))
+
+
+def test_the_optimiser_benchmark_runs():
+    """bench/bf16_adamw.py on a small set (its numbers on a GPU go to bench/README.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bf16_adamw.py"
+    done = subprocess.run([sys.executable, str(bench), "--tiny", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"torch AdamW", "BF16AdamW", "BF16AdamW, uncompiled"} <= rows, done.stdout
+    assert "BF16AdamW / torch AdamW:" in done.stdout

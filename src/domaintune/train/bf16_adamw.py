@@ -10,38 +10,82 @@ took the loss from 5.551 to 5.294, ``torch.optim.AdamW`` on bfloat16 weights onl
 optimiser on bfloat16 weights to 5.294.
 
 Each step computes in float32 and writes the weights and both moments back to bfloat16 rounding
-up or down at random, with the probability that makes the expected value exact (the bits below
-bfloat16's are compared with uniform random bits). The rounding draws from a generator seeded
-with the optimiser's seed and the step number, so that a run, and a run resumed from a
-checkpoint, repeat exactly. Float32 weights get plain AdamW (torch's own arithmetic). Large
-tensors go in chunks, so the float32 temporaries stay small.
+up or down at random, with the probability that makes the expected value exact: 16 random bits
+are added below bfloat16's and cut off. The bits come from a hash of the element's position, the
+tensor, the step and the seed, so that a run, and a run resumed from a checkpoint, repeat exactly,
+and so that the whole update is element-wise arithmetic: on a GPU it is compiled into one kernel
+per tensor (``torch.compile``), reading and writing each weight and moment once, as torch's fused
+AdamW does; where compiling fails it runs uncompiled (slower, same values), with a warning.
+Float32 weights get plain AdamW (torch's own arithmetic).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-CHUNK = 1 << 24  # elements per pass: float32 temporaries of 64 MB
+CHUNK = 1 << 24  # elements per pass uncompiled: float32 temporaries of 64 MB
 
 
-def round_stochastically_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
-    """Write the float32 ``src`` into the bfloat16 ``dst``: each value rounds to one of its two
-    bfloat16 neighbours with probabilities that keep its expectation (truncating after adding
-    uniform random bits below bfloat16's 16 high bits)."""
-    bits = src.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
-    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # exact: the low 16 bits are zero
+def _hash_bits(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """16 well-mixed bits per element from (index, seed), int64 arithmetic kept to 32 bits (a
+    multiply-xorshift integer hash)."""
+    h = (index * 0x9E3779B1 + seed) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) & 0xFFFF
+
+
+def round_stochastically(x: torch.Tensor, index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) in bfloat16, each value rounded to one of its two bfloat16 neighbours with
+    the probabilities that keep its expectation: random bits added below bfloat16's 16 high bits,
+    which are then cut off (sign and magnitude: the same towards zero and away on both sides)."""
+    bits = x.view(torch.int32).to(torch.int64) + _hash_bits(index, seed)
+    return (bits & -65536).to(torch.int32).view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def _update_bf16(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: torch.Tensor,
+                 seed: torch.Tensor, offset: torch.Tensor) -> None:
+    """One AdamW step of the flat bfloat16 tensors ``w`` (weights), ``m`` and ``v`` (moments) in
+    place, from the gradient ``g``. ``hyper`` holds lr, beta1, beta2, eps, weight decay and the
+    two bias corrections; tensors, not numbers, so that a compiled version serves every step."""
+    lr, beta1, beta2, eps, decay, correction1, correction2 = hyper.unbind()
+    g32 = g.float()
+    m32 = m.float() * beta1 + g32 * (1 - beta1)
+    v32 = v.float() * beta2 + g32 * g32 * (1 - beta2)
+    w32 = w.float() * (1 - lr * decay) - (lr / correction1) * m32 / (v32.sqrt() / correction2.sqrt() + eps)
+    index = torch.arange(w.numel(), device=w.device) + offset
+    w.copy_(round_stochastically(w32, index, seed))
+    m.copy_(round_stochastically(m32, index, seed + 1))
+    v.copy_(round_stochastically(v32, index, seed + 2))
+
+
+_compiled = None  # the compiled _update_bf16, made on first use on a GPU; False once compiling failed
+
+
+def _update_fn(device: torch.device, compile: bool | None):
+    """The compiled update on a GPU (``compile=None``) or when asked, else the plain one."""
+    global _compiled
+    if compile is False or (compile is None and device.type != "cuda") or _compiled is False:
+        return _update_bf16
+    if _compiled is None:
+        _compiled = torch.compile(_update_bf16, dynamic=True, fullgraph=True)
+    return _compiled
 
 
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments, as ``torch.optim.AdamW``) whose
     bfloat16 weights are updated in float32 and rounded back stochastically; ``seed`` fixes the
-    rounding."""
+    rounding. ``compile``: compile the update (default: on a GPU)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, seed: int = 0):
+                 weight_decay: float = 1e-2, seed: int = 0, compile: bool | None = None):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.seed = seed
+        self.compile = compile
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,11 +93,10 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # the step about to be taken, from the state (so that a resumed optimiser knows it too)
-        number = 1 + max((s["step"] for s in self.state.values()), default=0)
-        generators: dict[torch.device, torch.Generator] = {}
+        position = 0
         for group in self.param_groups:
             for p in group["params"]:
+                position += 1  # the tensor's place in the optimiser: its own random bits
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -62,32 +105,38 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                generator = None
                 if p.dtype == torch.bfloat16:
-                    if p.device not in generators:
-                        generators[p.device] = torch.Generator(device=p.device)
-                        generators[p.device].manual_seed(self.seed * 1_000_003 + number)
-                    generator = generators[p.device]
-                _update(p, state, group, generator)
+                    self._bf16(p, state, group, position)
+                else:
+                    _update_float(p, state, group)
         return loss
 
+    def _bf16(self, p: torch.Tensor, state: dict, group: dict, position: int) -> None:
+        global _compiled
+        (beta1, beta2), t = group["betas"], state["step"]
+        hyper = torch.tensor([group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1 - beta1 ** t,
+                              1 - beta2 ** t], dtype=torch.float32, device=p.device)
+        seed = torch.tensor(((self.seed * 1_000_003 + t) * 7_919 + position) * 3 & 0x7FFFFFFF, device=p.device)
+        flat = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+        update = _update_fn(p.device, self.compile)
+        if update is not _update_bf16:
+            try:
+                update(*flat, hyper, seed, torch.zeros((), dtype=torch.int64, device=p.device))
+                return
+            except Exception as exc:  # a missing compiler or Triton costs speed, never the run
+                warnings.warn(f"the bfloat16 AdamW update could not be compiled ({type(exc).__name__}: {exc}); "
+                              "running it uncompiled")
+                _compiled = False
+        for start in range(0, flat[0].numel(), CHUNK):  # chunks keep the float32 temporaries small
+            _update_bf16(*(x[start:start + CHUNK] for x in flat), hyper, seed,
+                         torch.tensor(start, dtype=torch.int64, device=p.device))
 
-def _update(p: torch.Tensor, state: dict, group: dict, generator: torch.Generator | None) -> None:
-    (beta1, beta2), lr, eps, decay, t = group["betas"], group["lr"], group["eps"], group["weight_decay"], state["step"]
-    correction1, correction2 = 1 - beta1 ** t, 1 - beta2 ** t
-    parts = [(p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-    if generator is not None and p.numel() > CHUNK and all(x.is_contiguous() for x in parts[0]):
-        parts = list(zip(*(x.view(-1).split(CHUNK) for x in parts[0])))
-    for weight, grad, exp_avg, exp_avg_sq in parts:
-        w, g = weight.float(), grad.float()
-        m, v = exp_avg.float(), exp_avg_sq.float()
-        w.mul_(1 - lr * decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / correction2 ** 0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-lr / correction1)
-        if generator is None:  # float32 weights: the float32 results are the new values
-            weight.copy_(w), exp_avg.copy_(m), exp_avg_sq.copy_(v)
-        else:
-            for dst, src in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
-                round_stochastically_(dst, src, generator)
+
+def _update_float(p: torch.Tensor, state: dict, group: dict) -> None:
+    """torch.optim.AdamW's single-tensor arithmetic, for weights in float32."""
+    (beta1, beta2), lr, t = group["betas"], group["lr"], state["step"]
+    p.mul_(1 - lr * group["weight_decay"])
+    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+    denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(group["eps"])
+    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
