@@ -51,6 +51,18 @@ def test_on_a_machine_without_a_gpu_the_plan_changes_only_dropout_and_loras_forw
         assert speed.place(model, plan, "lora") is model and model.weight.dtype == torch.float32
 
 
+def test_a_gpu_that_only_emulates_bfloat16_trains_in_float32(monkeypatch):
+    """A T4 or V100: torch's default check says bfloat16 works (emulated, slowly; Triton refuses it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for ampere in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: ampere or including_emulation)
+        for setting in ("auto", "off"):
+            plan = speed.plan_speed(setting, "llama", "full")
+            assert plan.device == "cuda" and plan.bf16 is ampere
+            assert isinstance(plan.autocast(), torch.autocast) is ampere  # no bfloat16 autocast either
+        assert speed.plan_speed("auto", "llama", "lora", fsdp=True).bf16 is ampere
+
+
 def test_the_recipe_takes_auto_or_off(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("name: x\ntask: sft\nbase_model: smollm2-135m\ndata:\n  train: x.jsonl\n", encoding="utf-8")

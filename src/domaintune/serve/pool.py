@@ -5,7 +5,7 @@ All model work (generation, classification, attaching and detaching adapters) ru
 lock, so an adapter is never swapped under a running batch. A replaced or unloaded model stops
 taking requests at once and is detached when its last request has finished.
 
-Causal LMs run on the pool's ``device``: on a CUDA GPU in bfloat16 (where the GPU has it), the
+Causal LMs run on the pool's ``device``: on a CUDA GPU in bfloat16 (where the GPU computes in it), the
 weights a run trained and evaluated there; classifiers (small encoders) stay on the CPU.
 """
 
@@ -233,7 +233,9 @@ class ModelPool:
             return model
         import torch
 
-        bf16 = {"dtype": torch.bfloat16} if torch.cuda.is_bf16_supported() else {}
+        from domaintune.train.speed import gpu_has_bf16
+
+        bf16 = {"dtype": torch.bfloat16} if gpu_has_bf16() else {}
         return model.to(device=self.device, **bf16)
 
     def _start(self, backend: Backend, tokenizer, model) -> None:

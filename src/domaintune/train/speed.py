@@ -78,7 +78,7 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
     """
     if not torch.cuda.is_available():
         return cpu_plan(setting, checkpointing=checkpointing, fsdp=fsdp)
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = gpu_has_bf16()
     if fsdp:
         return SpeedPlan(device="cuda", bf16=bf16, checkpointing=checkpointing, pack_mixed_lengths=False, fsdp=True)
     if setting == "off":
@@ -88,6 +88,13 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
              and method != "qlora" and not compile_layers)
     return SpeedPlan(device="cuda", bf16=bf16, liger=liger, fused_loss=True, compile_layers=compile_layers,
                      checkpointing=checkpointing, pack_mixed_lengths=False)
+
+
+def gpu_has_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 itself (Ampere and later). torch's default check also
+    says yes for older GPUs (a T4, a V100) that only emulate it, slowly, and where Triton's
+    kernels refuse it: they train in float32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_plan(setting: str, checkpointing: float = 0.0, fsdp: bool = False) -> SpeedPlan:
