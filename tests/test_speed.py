@@ -52,7 +52,7 @@ def test_on_a_machine_without_a_gpu_the_plan_changes_only_dropout_and_loras_forw
 
 
 def test_a_gpu_that_only_emulates_bfloat16_trains_in_float32(monkeypatch):
-    """A T4 or V100: torch's default check says bfloat16 works (emulated, slowly; Triton refuses it)."""
+    """A T4 or V100: torch's default check says bfloat16 works (emulated, slowly)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for ampere in (False, True):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: ampere or including_emulation)

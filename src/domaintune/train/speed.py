@@ -92,8 +92,8 @@ def plan_speed(setting: str, model_type: str | None, method: str, compile_layers
 
 def gpu_has_bf16() -> bool:
     """Whether the GPU computes in bfloat16 itself (Ampere and later). torch's default check also
-    says yes for older GPUs (a T4, a V100) that only emulate it, slowly, and where Triton's
-    kernels refuse it: they train in float32."""
+    says yes for older GPUs (a T4, a V100) that only emulate it, slowly (and Triton's bfloat16
+    matrix products need Ampere): they train in float32."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
