@@ -154,6 +154,28 @@ def test_base_tuned_and_extras_are_evaluated_on_the_weights_as_placed_for_traini
     assert all(math.isfinite(c["exposure"]["tuned"]) for c in metrics["privacy"]["canaries"])
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_gpu_s_plan_trains_and_evaluates_end_to_end_on_the_cpu(sft_recipe, tmp_path, monkeypatch, method):
+    """Everything `auto` does on a GPU but Liger's kernels, on the CPU: bfloat16 weights, autocast,
+    the logit-free loss, the fused LoRA forward, full fine-tuning's stochastically rounded AdamW."""
+    from domaintune.train import bf16_adamw, speed
+
+    gpu_like = speed.SpeedPlan(bf16=True, fused_loss=True, fused_lora=True, pack_mixed_lengths=False)
+    monkeypatch.setattr(speed, "plan_speed", lambda *args, **kwargs: gpu_like)
+    steps = []
+    original = bf16_adamw.BF16AdamW.step
+    monkeypatch.setattr(bf16_adamw.BF16AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    result = run(sft_recipe, overrides={"method": method, "training.learning_rate": 1e-2 if method == "lora" else 1e-3},
+                 output_dir=tmp_path / "runs")
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    lineage = json.loads((result.run_dir / "lineage.json").read_text())
+    assert lineage["training"]["bf16"] and lineage["training"]["evaluation"] == "cpu bfloat16"
+    log = [json.loads(line)["loss"] for line in (result.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert sum(log[-3:]) / 3 < sum(log[:3]) / 3
+    assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
+    assert (len(steps) == len(log)) is (method == "full")  # bfloat16 weights step with stochastic rounding
+
+
 def test_failed_run_leaves_nothing_behind(classification_recipe, tmp_path):
     from domaintune.errors import RecipeError
 

@@ -61,8 +61,9 @@ class SpeedPlan:
         return asdict(self)
 
     def autocast(self):
-        """The context the forward pass runs in."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and self.device == "cuda" else nullcontext()
+        """The context the forward pass runs in: bfloat16 autocast with bfloat16 weights (on a GPU;
+        the CPU's own plans never ask for it, tests do, to run a GPU's arithmetic on the CPU)."""
+        return torch.autocast(self.device, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
 
 def plan_speed(setting: str, model_type: str | None, method: str, compile_layers: bool = False,
