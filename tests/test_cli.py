@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from domaintune import __version__
@@ -85,3 +87,32 @@ def test_quickstart_rejects_unknown_example():
     result = runner.invoke(app, ["quickstart", "--only", "nope"])
     assert result.exit_code == 2
     assert "support-intents" in result.output
+
+
+@pytest.mark.parametrize("kind", ["sft", "pretrain"])
+def test_dry_run_resolves_the_recipe_writes_nothing_and_counts_the_steps_a_run_takes(kind, request, tmp_path):
+    recipe = request.getfixturevalue(f"{kind}_recipe")
+    runs = tmp_path / "runs"
+    shown = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json", "--output-dir", str(runs)])
+    assert shown.exit_code == 0, shown.output
+    plan = json.loads(shown.stdout)
+    assert not runs.exists()  # nothing trained, nothing written
+    assert plan["recipe"]["training"]["weight_decay"] is not None and plan["speed"]["device"] in ("cpu", "cuda")
+    ran = runner.invoke(app, ["run", str(recipe), "--json", "--no-register", "--output-dir", str(runs)])
+    assert ran.exit_code == 0, ran.output
+    summary = json.loads(ran.stdout)
+    logged = (Path(summary["run_dir"]) / "train_log.jsonl").read_text().splitlines()
+    assert plan["steps"] == len(logged)  # the loop's count, pretraining's blocks of tokens included
+    assert plan["train_rows"] == summary["train_rows"]
+
+
+def test_dry_run_prints_what_would_run_and_refuses_what_run_would(sft_recipe):
+    text = runner.invoke(app, ["run", str(sft_recipe), "--dry-run", "--set", "training.epochs=2"])
+    assert text.exit_code == 0, text.output
+    for expected in ("tiny-colours: sft on", "optimiser steps", "learning rate 0.01", "this machine:",
+                     "resolved recipe:", "nothing was trained or written (--dry-run)"):
+        assert expected in text.stdout, expected
+    bad = runner.invoke(app, ["run", str(sft_recipe), "--dry-run", "--set", "training.epochs=-1"])
+    assert bad.exit_code == 2 and "training.epochs" in bad.output
+    gate = runner.invoke(app, ["run", str(sft_recipe), "--dry-run", "--gate", "tuned.accuracy >>= 1"])
+    assert gate.exit_code == 2 and "gate" in gate.output.lower()

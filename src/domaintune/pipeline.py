@@ -161,6 +161,49 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     return result
 
 
+def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: list[str] | None = None,
+            console: Console | None = None) -> dict[str, Any]:
+    """What ``run`` would do, without training or writing anything: the recipe checked and resolved
+    (defaults filled in), the data read through its steps, the base model found, the number of
+    optimiser steps, and the speed plan on this machine. Raises what ``run`` would raise first."""
+    import math
+
+    from domaintune.train.speed import cpu_plan, plan_speed
+
+    console = console or Console(stderr=True, quiet=True)
+    quiet_libraries()
+    recipe_path = Path(recipe).resolve()
+    spec = load_recipe(recipe_path, overrides)
+    for expr in [*spec.evaluate.gates, *(gates or [])]:
+        validate_gate(expr)
+    check_runs_here(spec)
+    data = prepare(spec, recipe_path.parent, console)
+    spec = resolve_defaults(spec, len(data.train))
+    base = catalog.resolve(spec.base_model, base_dir=recipe_path.parent)
+    _check_model_fits_task(spec)
+    t = spec.training
+    if spec.task == "classification":
+        plan = cpu_plan(t.speed)
+        rows = len(data.train)
+    else:
+        config = base.path / "config.json"
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+        plan = plan_speed(t.speed, model_type, spec.method, checkpointing=t.activation_checkpointing,
+                          fsdp=t.distributed == "fsdp" and distributed.world_size() > 1)
+        if spec.task == "pretrain":  # rows are blocks of max_seq_length tokens
+            from domaintune.train.causal import pack_text
+
+            rows = len(pack_text(catalog.load_tokenizer(base), [e.text for e in data.train], int(t.max_seq_length)))
+        else:
+            rows = len(data.train)
+    per_epoch = math.ceil(math.ceil(rows / int(t.batch_size)) / t.gradient_accumulation_steps)
+    steps = t.max_steps or max(1, math.ceil(float(t.epochs) * per_epoch))
+    return {"name": spec.name, "task": spec.task, "method": spec.method, "base_model": spec.base_model,
+            "base_path": str(base.path), "train_rows": len(data.train), "eval_rows": len(data.eval),
+            "data": _data_note(data.card), "steps": steps, "steps_per_epoch": per_epoch,
+            "speed": plan.describe(), "recipe": spec.model_dump(mode="json")}
+
+
 def quiet_libraries() -> None:
     import warnings
 

@@ -85,6 +85,41 @@ def _run_and_print(recipe: Path, overrides: dict, output_dir: Optional[Path], as
     return result
 
 
+SPEED_LABELS = {"liger": "Liger kernels", "fused_loss": "logit-free loss", "compile_layers": "compiled layers",
+                "sparse_dropout": "sparse dropout", "fused_lora": "fused LoRA forward"}
+
+
+def _dry_run(recipe: Path, overrides: dict, gates: list[str] | None, as_json: bool, quiet: bool) -> None:
+    import yaml
+
+    from domaintune.pipeline import dry_run
+
+    try:
+        plan = dry_run(recipe, overrides, gates, console=Console(stderr=True, quiet=quiet or as_json))
+    except DomaintuneError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(plan))
+        return
+    speed, t = plan["speed"], plan["recipe"]["training"]
+    kernels = [label for name, label in SPEED_LABELS.items() if speed.get(name) is True]
+    kernels += [f"activation checkpointing {speed['checkpointing']}"] if speed["checkpointing"] else []
+    if plan["task"] == "sft" and t["packing"]:
+        kernels.append("rows of mixed lengths packed" if speed["pack_mixed_lengths"] else "rows of similar length padded")
+    out.print(f"[bold]{plan['name']}[/]: {plan['task']} on {plan['base_model']} ({plan['method']}), base at "
+              f"{plan['base_path']}", highlight=False)
+    out.print(f"data: {plan['train_rows']} training rows, {plan['eval_rows']} held out; {plan['data']}", highlight=False)
+    out.print(f"training: {plan['steps']} optimiser steps ({plan['steps_per_epoch']} per epoch), learning rate "
+              f"{t['learning_rate']}, batch size {t['batch_size']}, max sequence length {t['max_seq_length']}",
+              highlight=False)
+    out.print(f"this machine: {speed['device']}, {'bfloat16' if speed['bf16'] else 'float32'}"
+              f"{', FSDP' if speed['fsdp'] else ''}; training.speed {t['speed']}: {', '.join(kernels) or 'nothing more'}",
+              highlight=False)
+    out.print("resolved recipe:")
+    out.print(yaml.safe_dump(plan["recipe"], sort_keys=False, allow_unicode=True).rstrip(), highlight=False, markup=False)
+    out.print("nothing was trained or written (--dry-run)")
+
+
 def print_gates(gates: list[dict]) -> None:
     for gate in gates:
         if gate["passed"]:
@@ -104,6 +139,7 @@ def run(
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result in the model registry as a new candidate version.")] = True,
     registry_url: Annotated[Optional[str], typer.Option("--registry-url", help="Registry database URL (default: $DOMAINTUNE_REGISTRY_URL or sqlite in $DOMAINTUNE_HOME).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a killed run from its last checkpoint: its .partial folder (or the run directory it was to become). Use the same recipe and --set overrides.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the recipe and data, and print the resolved recipe, the number of optimiser steps and what training.speed does on this machine; train and write nothing.")] = False,
 ) -> None:
     """Run a recipe end to end: data, base evaluation, fine-tuning, tuned evaluation, run directory.
 
@@ -117,6 +153,9 @@ def run(
         overrides = dict(parse_override(item) for item in (set_ or []))
     except DomaintuneError as exc:
         fail(exc)
+    if dry_run:
+        _dry_run(recipe, overrides, gate, as_json, quiet)
+        return
     result = _run_and_print(recipe, overrides, output_dir, as_json, quiet, gate, register, registry_url, resume)
     if as_json:
         print(json.dumps(result.summary()))
