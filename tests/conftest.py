@@ -195,3 +195,16 @@ def in_production(recipe: Path, name: str, root: Path) -> tuple[Path, Path]:
         registry.promote(name, 1, "staging")
         registry.promote(name, 1, "production")
     return result.run_dir, db
+
+
+def run_bench(script: str, *args: str) -> tuple[str, set[str]]:
+    """Run ``bench/SCRIPT`` with ``args`` (a small setting); its output and the first cells of
+    its table rows. Fails the test with the script's stderr if it fails."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / script
+    done = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+

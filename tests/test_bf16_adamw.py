@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import run_bench
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from domaintune.train import bf16_adamw
@@ -206,14 +207,6 @@ def test_a_compile_that_fails_warns_and_runs_uncompiled(monkeypatch):
 
 def test_the_optimiser_benchmark_runs():
     """bench/bf16_adamw.py on a small set (its numbers on a GPU go to bench/README.md)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench" / "bf16_adamw.py"
-    done = subprocess.run([sys.executable, str(bench), "--tiny", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert {"torch AdamW", "BF16AdamW", "BF16AdamW, uncompiled"} <= rows, done.stdout
-    assert "BF16AdamW / torch AdamW:" in done.stdout
+    stdout, rows = run_bench("bf16_adamw.py", "--tiny", "--device", "cpu")
+    assert {"torch AdamW", "BF16AdamW", "BF16AdamW, uncompiled"} <= rows, stdout
+    assert "BF16AdamW / torch AdamW:" in stdout

@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
+from conftest import run_bench
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from domaintune.train.dropout import sparse_dropout
@@ -96,16 +97,8 @@ def test_the_cpu_plan_fuses_lora_while_training_unless_speed_is_off():
 
 def test_the_lora_benchmark_runs_both_ways():
     """bench/lora_cpu.py on a random 2-layer Llama (its numbers are in bench/README.md)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench" / "lora_cpu.py"
-    done = subprocess.run([sys.executable, str(bench), "--tiny", "--repeats", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert {"PEFT", "fused"} <= rows and "fused / PEFT:" in done.stdout, done.stdout
+    stdout, rows = run_bench("lora_cpu.py", "--tiny", "--repeats", "1")
+    assert {"PEFT", "fused"} <= rows and "fused / PEFT:" in stdout, stdout
 
 
 def _bench(name: str):
@@ -158,13 +151,5 @@ def test_mixed_dtypes_outside_autocast_keep_peft_s_forward(monkeypatch):
 
 def test_the_autocast_benchmark_runs_both_ways():
     """bench/lora_saved.py on a small shape (its 1B-shaped numbers are in bench/README.md)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench" / "lora_saved.py"
-    done = subprocess.run([sys.executable, str(bench), "--tiny", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert {"PEFT", "fused"} <= rows and "written, fused / PEFT:" in done.stdout, done.stdout
+    stdout, rows = run_bench("lora_saved.py", "--tiny", "--device", "cpu")
+    assert {"PEFT", "fused"} <= rows and "written, fused / PEFT:" in stdout, stdout
