@@ -77,6 +77,7 @@ VARIANTS = [
     Variant("lora-8b-auto-2048-ckpt50", "lora-8b", "8b", "lora", "auto", 4, 2048, checkpointing=0.5, steps=20, warmup=5),
     Variant("lora-8b-auto-2048", "lora-8b", "8b", "lora", "auto", 4, 2048, steps=20, warmup=5),
     Variant("lora-8b-auto-2048-ckpt25", "lora-8b", "8b", "lora", "auto", 4, 2048, checkpointing=0.25, steps=20, warmup=5),
+    Variant("lora-8b-auto-2048-ckpt40", "lora-8b", "8b", "lora", "auto", 4, 2048, checkpointing=0.4, steps=20, warmup=5),
     # torch.compile of each decoder layer instead of Liger's kernels: not (yet) part of auto
     Variant("lora-1b-auto-compile", "lora-1b", "1b", "lora", "auto", 8, 1024, compile_layers=True, warmup=15),
     Variant("full-1b-auto-compile", "full-1b", "1b", "full", "auto", 8, 1024, compile_layers=True, warmup=15),
