@@ -93,6 +93,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        halves = []  # (weight, state, settings, seed) of the bfloat16 weights, updated together below
         position = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -105,31 +106,36 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                if p.dtype == torch.bfloat16:
-                    self._bf16(p, state, group, position)
-                else:
+                if p.dtype != torch.bfloat16:
                     _update_float(p, state, group)
+                    continue
+                (beta1, beta2), t = group["betas"], state["step"]
+                settings = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1 - beta1 ** t,
+                            1 - beta2 ** t]
+                halves.append((p, state, settings, ((self.seed * 1_000_003 + t) * 7_919 + position) * 3 & 0x7FFFFFFF))
+        for device in {p.device for p, *_ in halves}:
+            mine = [h for h in halves if h[0].device == device]
+            # one copy to the device for all of them: a copy per tensor would wait for the GPU each time
+            hyper = torch.tensor([h[2] for h in mine], dtype=torch.float32, device=device)
+            seeds = torch.tensor([h[3] for h in mine], dtype=torch.int64, device=device)
+            for i, (p, state, _, _) in enumerate(mine):
+                self._bf16(p, state, hyper[i], seeds[i])
         return loss
 
-    def _bf16(self, p: torch.Tensor, state: dict, group: dict, position: int) -> None:
+    def _bf16(self, p: torch.Tensor, state: dict, hyper: torch.Tensor, seed: torch.Tensor) -> None:
         global _compiled
-        (beta1, beta2), t = group["betas"], state["step"]
-        hyper = torch.tensor([group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1 - beta1 ** t,
-                              1 - beta2 ** t], dtype=torch.float32, device=p.device)
-        seed = torch.tensor(((self.seed * 1_000_003 + t) * 7_919 + position) * 3 & 0x7FFFFFFF, device=p.device)
         flat = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
         update = _update_fn(p.device, self.compile)
         if update is not _update_bf16:
             try:
-                update(*flat, hyper, seed, torch.zeros((), dtype=torch.int64, device=p.device))
+                update(*flat, hyper, seed, seed.new_zeros(()))
                 return
             except Exception as exc:  # a missing compiler or Triton costs speed, never the run
                 warnings.warn(f"the bfloat16 AdamW update could not be compiled ({type(exc).__name__}: {exc}); "
                               "running it uncompiled")
                 _compiled = False
         for start in range(0, flat[0].numel(), CHUNK):  # chunks keep the float32 temporaries small
-            _update_bf16(*(x[start:start + CHUNK] for x in flat), hyper, seed,
-                         torch.tensor(start, dtype=torch.int64, device=p.device))
+            _update_bf16(*(x[start:start + CHUNK] for x in flat), hyper, seed, seed.new_tensor(start))
 
 
 def _update_float(p: torch.Tensor, state: dict, group: dict) -> None:
