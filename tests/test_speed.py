@@ -203,6 +203,7 @@ def test_after_training_the_model_runs_plain_where_it_trained_and_so_do_other_mo
         assert "Liger" in repr(model)
     assert "Liger" not in repr(model)
     assert speed.placement(model) == "cuda bfloat16"  # the base; the adapter stays float32
-    with torch.no_grad():  # Liger's Triton kernels would refuse CPU tensors
+    with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids.cuda()).logits).all()
+        # a fresh model on the CPU: Liger's Triton kernels, left in transformers' module, would refuse it
         assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=ids).logits).all()

@@ -93,17 +93,9 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
-    spec = load_recipe(recipe_path, overrides)
-    if gates:
-        spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"gates": [*spec.evaluate.gates, *gates]})})
-    for expr in spec.evaluate.gates:
-        validate_gate(expr)  # a typo in a gate should fail now, not after training
-    check_runs_here(spec)
+    spec = _checked_recipe(recipe_path, overrides, gates)
     resumed = _resume_dirs(Path(resume), spec.name) if resume is not None else None
-    data = prepare(spec, root, console)
-    spec = resolve_defaults(spec, len(data.train))
-    base = catalog.resolve(spec.base_model, base_dir=root)
-    _check_model_fits_task(spec)
+    spec, data, base = _data_and_base(spec, root, console)
     timings["data_s"] = time.perf_counter() - clock
     console.print(f"[bold]{spec.name}[/]: {spec.task} on [cyan]{spec.base_model}[/] ({spec.method}); "
                   f"{len(data.train)} training rows, {len(data.eval)} held out; {_data_note(data.card)}")
@@ -161,6 +153,26 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     return result
 
 
+def _checked_recipe(recipe_path: Path, overrides: dict[str, Any] | None, gates: list[str] | None) -> Recipe:
+    """The recipe with its overrides and extra ``gates``, checked before anything slow runs."""
+    spec = load_recipe(recipe_path, overrides)
+    if gates:
+        spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"gates": [*spec.evaluate.gates, *gates]})})
+    for expr in spec.evaluate.gates:
+        validate_gate(expr)  # a typo in a gate should fail now, not after training
+    check_runs_here(spec)
+    return spec
+
+
+def _data_and_base(spec: Recipe, root: Path, console: Console) -> tuple[Recipe, PreparedData, catalog.BaseModel]:
+    """The data through its steps, the recipe with its defaults resolved for it, and the base."""
+    data = prepare(spec, root, console)
+    spec = resolve_defaults(spec, len(data.train))
+    base = catalog.resolve(spec.base_model, base_dir=root)
+    _check_model_fits_task(spec)
+    return spec, data, base
+
+
 def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: list[str] | None = None,
             console: Console | None = None) -> dict[str, Any]:
     """What ``run`` would do, without training or writing anything: the recipe checked and resolved
@@ -168,19 +180,13 @@ def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: 
     optimiser steps, and the speed plan on this machine. Raises what ``run`` would raise first."""
     import math
 
+    from domaintune.train.loop import count_steps
     from domaintune.train.speed import cpu_plan, plan_speed
 
     console = console or Console(stderr=True, quiet=True)
     quiet_libraries()
     recipe_path = Path(recipe).resolve()
-    spec = load_recipe(recipe_path, overrides)
-    for expr in [*spec.evaluate.gates, *(gates or [])]:
-        validate_gate(expr)
-    check_runs_here(spec)
-    data = prepare(spec, recipe_path.parent, console)
-    spec = resolve_defaults(spec, len(data.train))
-    base = catalog.resolve(spec.base_model, base_dir=recipe_path.parent)
-    _check_model_fits_task(spec)
+    spec, data, base = _data_and_base(_checked_recipe(recipe_path, overrides, gates), recipe_path.parent, console)
     t = spec.training
     if spec.task == "classification":
         plan = cpu_plan(t.speed)
@@ -196,8 +202,7 @@ def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: 
             rows = len(pack_text(catalog.load_tokenizer(base), [e.text for e in data.train], int(t.max_seq_length)))
         else:
             rows = len(data.train)
-    per_epoch = math.ceil(math.ceil(rows / int(t.batch_size)) / t.gradient_accumulation_steps)
-    steps = t.max_steps or max(1, math.ceil(float(t.epochs) * per_epoch))
+    per_epoch, steps = count_steps(math.ceil(rows / int(t.batch_size)), _loop_config(spec, None))
     return {"name": spec.name, "task": spec.task, "method": spec.method, "base_model": spec.base_model,
             "base_path": str(base.path), "train_rows": len(data.train), "eval_rows": len(data.eval),
             "data": _data_note(data.card), "steps": steps, "steps_per_epoch": per_epoch,
@@ -246,7 +251,7 @@ def _data_note(card: dict) -> str:
             f"{pii} personal-data items {'redacted' if card['pii']['redact'] else 'left in'}")
 
 
-def _loop_config(spec: Recipe, run_dir: Path) -> LoopConfig:
+def _loop_config(spec: Recipe, run_dir: Path | None) -> LoopConfig:
     """The loop's settings; it logs and checkpoints into ``run_dir`` (and resumes from there)."""
     t = spec.training
     return LoopConfig(epochs=float(t.epochs), learning_rate=float(t.learning_rate), weight_decay=t.weight_decay,

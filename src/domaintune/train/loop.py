@@ -108,8 +108,7 @@ def train_loop(
     """
     first_epoch = batches_for_epoch(0)  # built once: it also tells the number of steps
     accumulation = config.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(first_epoch) / accumulation))
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = count_steps(len(first_epoch), config)
     warmup = int(config.warmup_ratio * total_steps)
     groups = [g for g in groups if g["params"]]
     if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
@@ -228,6 +227,13 @@ def train_loop(
         console.print(f"stopped at step {state.step} of {total_steps}: {state.stopped}")
     model.eval()
     return state.log
+
+
+def count_steps(batches_per_epoch: int, config: LoopConfig) -> tuple[int, int]:
+    """Optimiser steps per epoch and in all, for ``batches_per_epoch`` batches (each step takes
+    ``gradient_accumulation_steps`` of them; ``max_steps`` replaces the epochs)."""
+    per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
+    return per_epoch, config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
 
 
 def _shape(micro_batches: list) -> str:
