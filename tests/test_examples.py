@@ -353,3 +353,84 @@ def test_chat_from_jsonl_file_where_is_line(tmp_path):
     with pytest.raises(DataError, match="last message") as info:
         chat_examples(read_rows(p))
     assert info.value.where == f"{p}:3"
+
+
+# ---------------------------------------------------------------- audit fixes
+
+
+def test_classification_integral_float_labels_match_int_labels():
+    # pandas writes an integer label column with a gap as floats: 1.0 in Parquet is 1 in the CSV.
+    rows = rows_of({"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}, {"text": "c", "label": 1},
+                   {"text": "d", "label": 2.5}, {"text": "e", "label": -3.0}, {"text": "f", "label": 1e20})
+    out = classification_examples(rows, "text", "label")
+    assert [e.label for e in out] == ["1", "0", "1", "2.5", "-3", "100000000000000000000"]
+
+
+def test_classification_float_label_from_parquet_matches_csv_eval(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": pa.array([0.0, 1.0, None])}), train)
+    evaluation = tmp_path / "eval.csv"
+    evaluation.write_text("text,label\nx,0\ny,1\n", encoding="utf-8")
+    train_labels = {e.label for e in classification_examples(read_rows(train)[:2], "text", "label")}
+    eval_labels = {e.label for e in classification_examples(read_rows(evaluation), "text", "label")}
+    assert train_labels == eval_labels == {"0", "1"}
+
+
+@pytest.mark.parametrize("roles, index, hint", [
+    (["assistant", "user", "assistant"], 0, "start the conversation"),
+    (["system", "assistant", "user", "assistant"], 1, "start the conversation"),
+    (["user", "user", "assistant"], 1, "merge consecutive user messages"),
+    (["user", "assistant", "assistant"], 2, "merge consecutive assistant messages"),
+    (["system", "user", "assistant", "assistant", "user", "assistant"], 3, "merge consecutive assistant"),
+    (["user", "assistant", "user", "user", "assistant"], 3, "merge consecutive user"),
+])
+def test_chat_messages_out_of_order_are_rejected(roles, index, hint):
+    messages = [{"role": role, "content": f"m{i}"} for i, role in enumerate(roles)]
+    rows = rows_of({"prompt": "p", "completion": "c"}, {"messages": messages})
+    with pytest.raises(DataError) as info:
+        chat_examples(rows)
+    err = info.value
+    assert err.where == "data/train.jsonl:2"
+    assert f"messages[{index}] is from {roles[index]!r}" in err.message
+    assert "alternate" in err.message
+    assert hint in err.hint
+
+
+@pytest.mark.parametrize("roles", [
+    ["system", "user", "assistant"],
+    ["user", "assistant", "user", "assistant", "user", "assistant"],
+    ["system", "user", "assistant", "user", "assistant"],
+])
+def test_chat_alternating_messages_are_accepted(roles):
+    messages = [{"role": role, "content": f"m{i}"} for i, role in enumerate(roles)]
+    assert [m["role"] for m in chat_examples(rows_of({"messages": messages}))[0].messages] == roles
+
+
+@pytest.mark.parametrize("roles, index", [(["system", "system", "user", "assistant"], 1),
+                                          (["user", "assistant", "system", "user", "assistant"], 2),
+                                          (["user", "assistant", "system"], 2)])
+def test_chat_system_message_after_the_start_is_rejected_with_a_fix(roles, index):
+    messages = [{"role": role, "content": f"m{i}"} for i, role in enumerate(roles)]
+    with pytest.raises(DataError, match=rf"messages\[{index}\]: a system message may only come first") as info:
+        chat_examples(rows_of({"messages": messages}))
+    assert "system message at the start" in info.value.hint
+
+
+@pytest.mark.parametrize("value, kind", [({"a": 1}, "dict"), (["x", "y"], "list")])
+def test_chat_structured_input_is_rejected_like_a_structured_prompt(value, kind):
+    rows = rows_of({"instruction": "Summarise", "input": value, "output": "o"})
+    with pytest.raises(DataError, match=rf"field 'input' should be text, got {kind}") as info:
+        chat_examples(rows)
+    assert info.value.where == "data/train.jsonl:1"
+    assert "string" in info.value.hint
+    with pytest.raises(DataError, match=rf"field 'prompt' should be text, got {kind}"):
+        chat_examples(rows_of({"prompt": value, "completion": "c"}))
+
+
+def test_chat_input_that_is_a_number_or_a_gap():
+    out = chat_examples(rows_of({"instruction": "Double it", "input": 21, "output": "42"},
+                                {"instruction": "Say hi", "input": float("nan"), "output": "hi"}))
+    assert out[0].messages[0]["content"] == "Double it\n\n21"
+    assert out[1].messages[0]["content"] == "Say hi"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from domaintune.data.readers import SUPPORTED, Row, read_rows
+from domaintune.data.readers import SUPPORTED, Row, iter_rows, read_rows
 from domaintune.errors import DataError, DomaintuneError
 
 
@@ -188,11 +188,155 @@ def test_csv_row_with_too_few_fields_points_at_its_line(tmp_path):
     assert info.value.where == f"{p}:3"
 
 
-def test_csv_field_over_size_limit_is_a_data_error_with_line(tmp_path):
-    p = write(tmp_path / "train.csv", 'text,label\na,b\n"' + "x" * 200_000 + '",c\nd,e\n')
-    with pytest.raises(DataError, match="malformed CSV") as info:
+@pytest.mark.parametrize("suffix, quoted", [(".csv", True), (".csv", False), (".tsv", False)])
+def test_csv_field_over_the_default_csv_limit_reads_like_jsonl(tmp_path, suffix, quoted):
+    # Python's csv stops at 128 KiB per field unless told otherwise.
+    sep = "\t" if suffix == ".tsv" else ","
+    long = "word " * 400_000  # 2 MB
+    text = f'"{long}\nsecond paragraph"' if quoted else long
+    p = write(tmp_path / f"train{suffix}", f"text{sep}label\na{sep}b\n{text}{sep}c\nd{sep}e\n")
+    rows = read_rows(p)
+    assert [r.fields["label"] for r in rows] == ["b", "c", "e"]
+    assert rows[1].fields["text"] == (f"{long}\nsecond paragraph" if quoted else long)
+    assert wheres(rows) == [f"{p}:2", f"{p}:3", f"{p}:{5 if quoted else 4}"]
+
+
+# ---------------------------------------------------------------- quotes that are never closed
+
+
+def _hundred_rows_with_open_quote(path: Path, line: int = 42, sep: str = ",", closing_line: str | None = None) -> Path:
+    lines = [f"text{sep}label"]
+    for number in range(2, 102):
+        if number == line:
+            lines.append(f'"I typed 5 inch screen{sep}a')
+        elif number == closing_line:
+            lines.append(f'he said "hi" there{sep}b')
+        else:
+            lines.append(f"row {number} text{sep}{'ab'[number % 2]}")
+    return write(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_quote_never_closed_raises_at_its_line_after_the_rows_before_it(tmp_path, suffix):
+    p = _hundred_rows_with_open_quote(tmp_path / f"quote2{suffix}", sep="\t" if suffix == ".tsv" else ",")
+    rows = iter_rows(p)
+    before = [next(rows) for _ in range(40)]
+    assert [r.problem for r in before] == [None] * 40
+    assert before[-1].where == f"{p}:41"
+    # Not a bad row that data.on_bad_rows: skip could drop: the rows after it are lost.
+    with pytest.raises(DataError) as info:
+        next(rows)
+    err = info.value
+    assert err.where == f"{p}:42"
+    assert "quoted field" in err.message and "never closed" in err.message
+    assert "lines 42-101" in err.message
+    assert 'closing "' in err.hint and '""' in err.hint
+    with pytest.raises(DataError, match="never closed"):
+        read_rows(p)
+
+
+def test_quote_never_closed_in_a_file_with_no_other_row(tmp_path):
+    p = write(tmp_path / "one.csv", 'text,label\n"I typed 5 inch screen,a\n')
+    with pytest.raises(DataError, match="never closed") as info:
+        read_rows(p)
+    assert info.value.where == f"{p}:2"
+
+
+def test_quote_never_closed_in_the_header(tmp_path):
+    p = write(tmp_path / "h.csv", 'text,"label\na,b\nc,d\n')
+    with pytest.raises(DataError, match="never closed") as info:
+        read_rows(p)
+    assert info.value.where == f"{p}:1"
+
+
+def test_quote_never_closed_names_the_line_it_opened_on_inside_a_multiline_row(tmp_path):
+    # The row starts on line 3; its first field is a closed two-line text, its second opens on line 4.
+    p = write(tmp_path / "t.csv", 'text,label\nok,x\n"multi\nline","open label\nmore,y\nlast,z\n')
+    with pytest.raises(DataError, match="never closed") as info:
+        read_rows(p)
+    assert info.value.where == f"{p}:4"
+
+
+def test_quote_closed_many_rows_later_is_not_one_long_row(tmp_path):
+    # A stray quote on line 70 closes the field opened on 42, and the merged row even has 2 fields.
+    p = _hundred_rows_with_open_quote(tmp_path / "q.csv", closing_line=70)
+    with pytest.raises(DataError) as info:
+        read_rows(p)
+    err = info.value
+    assert err.where == f"{p}:42"
+    assert "closed only on line 70" in err.message and "lines 42-70, 28 of which" in err.message
+    assert '""' in err.hint
+
+
+def test_quote_that_runs_over_a_huge_file_stops_early(tmp_path):
+    body = ["text,label", "ok,a", '"open,b'] + [f"row {i},c" for i in range(50_000)]
+    p = write(tmp_path / "big.csv", "\n".join(body) + "\n")
+    with pytest.raises(DataError) as info:
         read_rows(p)
     assert info.value.where == f"{p}:3"
+    assert "not closed within 1000 lines" in info.value.message
+    assert "lines 3-1003" in info.value.message
+
+
+def test_quote_over_a_few_lines_with_wrong_field_count_hints_at_the_quote(tmp_path):
+    p = write(tmp_path / "t.csv", 'text,label\n"oops,a\nb,c\nd"\ne,f\n')
+    rows = list(iter_rows(p))
+    assert [r.where for r in rows] == [f"{p}:2", f"{p}:5"]
+    assert "1 fields but the header has 2" in rows[0].problem.message
+    assert "lines 2-4" in rows[0].problem.hint and '""' in rows[0].problem.hint
+    assert rows[1].problem is None and rows[1].fields == {"text": "e", "label": "f"}
+
+
+def test_long_multiline_quoted_texts_are_not_taken_for_an_open_quote(tmp_path):
+    letter = "\n".join(["Dear team,", "", "the screen is 5\" wide, not 6.", *[f"point {i}, noted" for i in range(8)],
+                        "Thanks, Ann"])
+    quoted = '"' + letter.replace('"', '""') + '"'
+    p = write(tmp_path / "t.csv", f"text,label\n{quoted},a\nnext,b\n\"two\nlines\",c\nlast,d\n")
+    rows = read_rows(p)
+    assert [r.fields["text"] for r in rows] == [letter, "next", "two\nlines", "last"]
+    n = letter.count("\n")
+    assert wheres(rows) == [f"{p}:2", f"{p}:{3 + n}", f"{p}:{4 + n}", f"{p}:{6 + n}"]
+    # A one-column file: every line would "look like a row", so only the end of the file tells.
+    doc = "\n".join(f"line {i}" for i in range(50))
+    p1 = write(tmp_path / "one.csv", f'text\n"{doc}"\nafter\n')
+    assert [r.fields["text"] for r in read_rows(p1)] == [doc, "after"]
+    assert wheres(read_rows(p1)) == [f"{p1}:2", f"{p1}:52"]
+
+
+def test_prepare_with_skip_does_not_drop_the_rows_after_an_open_quote(tmp_path):
+    import yaml
+
+    from domaintune.data.prepare import prepare
+    from domaintune.recipe import load_recipe
+
+    (tmp_path / "data").mkdir()
+    _hundred_rows_with_open_quote(tmp_path / "data" / "quote2.csv")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "task": "classification", "base_model": "minilm-l6",
+                                      "data": {"train": "data/quote2.csv", "on_bad_rows": "skip"}}))
+    with pytest.raises(DataError, match="never closed") as info:
+        prepare(load_recipe(recipe), tmp_path)
+    assert info.value.where.endswith("quote2.csv:42")
+
+
+# ---------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".txt"])
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"),
+                                            ("utf-32", "UTF-32")])
+def test_utf16_file_names_its_encoding_in_the_fix(tmp_path, suffix, encoding, name):
+    text = {".csv": "text,label\ncafé,a\nb,c\n", ".tsv": "text\tlabel\nhello\ta\n",
+            ".jsonl": '{"text": "a"}\n{"text": "b"}\n', ".json": '[{"text": "a"}]', ".txt": "hello\nworld\n"}[suffix]
+    p = tmp_path / f"data{suffix}"
+    p.write_bytes(text.encode(encoding))
+    with pytest.raises(DataError) as info:
+        list(iter_rows(p))
+    err = info.value
+    assert err.where == str(p)
+    assert name.rstrip("LEB") in err.message and "not UTF-8" in err.message
+    assert f"iconv -f {name} -t UTF-8" in err.hint
+    assert "latin1" not in err.hint
 
 
 def test_jsonl_line_that_is_not_json(tmp_path):

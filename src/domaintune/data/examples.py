@@ -62,15 +62,28 @@ def require_columns(rows: list[Row], columns: list[str], recipe_keys: dict[str, 
             )
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
 def _string(value: Any, row: Row, name: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+    if _missing(value):
         raise DataError(f"field {name!r} is empty", where=row.where, hint="fill it in or remove the row")
     if isinstance(value, (dict, list)):
-        raise DataError(f"field {name!r} should be text, got {type(value).__name__}", where=row.where)
+        raise DataError(f"field {name!r} should be text, got {type(value).__name__}", where=row.where,
+                        hint=f"write {name!r} as a string")
     text = str(value).strip()
     if not text:
         raise DataError(f"field {name!r} is empty", where=row.where, hint="fill it in or remove the row")
     return text
+
+
+def _label(value: Any, row: Row, name: str) -> str:
+    # pandas stores an integer column that has a missing value as floats, so the same label is 1.0
+    # in a Parquet file and 1 in a CSV file: both must be the class "1".
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return _string(value, row, name)
 
 
 def classification_example(row: Row, text_field: str, label_field: str) -> TextExample:
@@ -83,7 +96,7 @@ def classification_example(row: Row, text_field: str, label_field: str) -> TextE
     meta = {k: v for k, v in row.fields.items() if k not in (text_field, label_field)}
     return TextExample(
         text=_string(row.fields[text_field], row, text_field),
-        label=_string(row.fields[label_field], row, label_field),
+        label=_label(row.fields[label_field], row, label_field),
         where=row.where,
         meta=meta,
     )
@@ -114,7 +127,12 @@ def chat_example(row: Row, system_prompt: str | None = None) -> ChatExample:
     elif "instruction" in f and "output" in f:
         instruction = _string(f["instruction"], row, "instruction")
         extra = f.get("input")
-        user = f"{instruction}\n\n{str(extra).strip()}" if extra not in (None, "") and str(extra).strip() else instruction
+        # "input" is optional: absent, null, NaN (a Parquet gap) or blank all mean none; anything
+        # else must be text like the other fields, not a structure pasted in as its Python repr.
+        if _missing(extra) or (isinstance(extra, str) and not extra.strip()):
+            user = instruction
+        else:
+            user = f"{instruction}\n\n{_string(extra, row, 'input')}"
         messages = [
             {"role": "user", "content": user},
             {"role": "assistant", "content": _string(f["output"], row, "output")},
@@ -157,11 +175,27 @@ def _check_messages(value: Any, row: Row) -> list[dict[str, str]]:
         if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"messages[{i}] has unknown role {role!r}; expected one of {sorted(ROLES)}", where=row.where)
         if role == "system" and i != 0:
-            raise DataError(f"messages[{i}]: a system message may only come first", where=row.where)
+            raise DataError(f"messages[{i}]: a system message may only come first", where=row.where,
+                            hint="put the instructions in one system message at the start, or in a user message")
         messages.append({"role": role, "content": _string(message["content"], row, f"messages[{i}].content")})
     if messages[-1]["role"] != "assistant":
         raise DataError("the last message must be the assistant's answer", where=row.where,
                         hint="end each conversation with {'role': 'assistant', 'content': ...}")
     if not any(m["role"] == "user" for m in messages):
         raise DataError("the conversation has no user message", where=row.where)
+    # Chat templates (and the loss on assistant turns) assume turns that alternate; some templates
+    # raise on anything else, others render it into a prompt the model never sees at serving time.
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            if i == first:
+                hint = "start the conversation (after the system message, if any) with the user's message"
+            else:
+                hint = (f"merge consecutive {messages[i]['role']} messages into one, or add the missing "
+                        f"{expected} message between them")
+            raise DataError(
+                f"messages[{i}] is from {messages[i]['role']!r} where {expected!r} comes next: after an optional "
+                "system message, user and assistant messages must alternate, starting with user",
+                where=row.where, hint=hint)
     return messages

@@ -4,7 +4,8 @@ Every row carries its file line (or record number for JSON/Parquet), so that any
 point the user at the exact place to fix. Files are read as streams (``iter_rows``): a row that
 cannot be read (bytes that are not UTF-8, a line that is not JSON, a CSV row with the wrong number
 of fields) becomes a row with a ``problem`` instead of stopping the file, so that the data
-pipeline can skip or quarantine it; ``read_rows`` raises the first problem.
+pipeline can skip or quarantine it; ``read_rows`` raises the first problem. A CSV quote that is
+never closed raises instead: it swallows the rows after it, so none of them can be trusted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,27 @@ from domaintune.errors import DataError
 SUPPORTED = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 _NOT_UTF8_HINT = "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
 _SURROGATE = re.compile("[\udc80-\udcff]+")  # bytes that were not UTF-8, kept by errors="surrogateescape"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what splits a file opened with newline="" into lines
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32", "UTF-32 (little-endian)"),
+              (codecs.BOM_UTF32_BE, "UTF-32", "UTF-32 (big-endian)"),
+              (codecs.BOM_UTF16_LE, "UTF-16", "UTF-16 (little-endian)"),
+              (codecs.BOM_UTF16_BE, "UTF-16", "UTF-16 (big-endian)"))
+# A quoted CSV field that takes in at least this many following lines, nearly all of which read as
+# rows of the file on their own, has lost its closing quote. A real multi-line text rarely has
+# the header's number of fields on 9 lines in 10.
+_RUNAWAY_LINES = 10
+_RUNAWAY_SHARE = 0.9
+# ...and once this many rows have gone into one field, stop reading: the field would otherwise
+# hold the rest of a file of any size in memory before the error could be raised.
+_RUNAWAY_STOP = 1000
+_UNCLOSED_QUOTE_HINT = ('end the field with a closing " (a field that starts with " runs until the next "), '
+                        'or, if the " belongs to the text, write it as "" inside a quoted field '
+                        '(e.g. "a 5"" screen"); the rows after it cannot be read until then')
+
+# Python's csv refuses fields over 128 KiB by default, which would stop a whole file over one long
+# document that the same data as JSONL reads fine. The limit is a C long: stay under 2**31 so
+# that it holds where a long is 32 bits.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 @dataclass
@@ -55,7 +77,30 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
                ".json": _read_json, ".parquet": _read_parquet, ".txt": _read_txt}
     if suffix not in readers:
         raise DataError(f"unsupported file type {suffix!r}", where=str(path), hint=f"use one of {', '.join(SUPPORTED)}")
+    if suffix != ".parquet":
+        _refuse_wide_encoding(path)
     return readers[suffix](path)
+
+
+def _refuse_wide_encoding(path: Path) -> None:
+    """A UTF-16 or UTF-32 file is wrong as a whole (every line of it, not one row), and the
+    encoding is known, so the fix can name it."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    found = next(((name, described) for bom, name, described in _WIDE_BOMS if head.startswith(bom)), None)
+    if found is None:
+        # Without a byte-order mark, ASCII text in UTF-16 has a NUL in every other byte; text in
+        # UTF-8 has none at all.
+        pairs = len(head) // 2
+        even, odd = head[0:2 * pairs:2].count(0), head[1:2 * pairs:2].count(0)
+        if pairs >= 2 and odd >= pairs / 2 and even <= pairs / 20:
+            found = ("UTF-16LE", "UTF-16 (little-endian, no byte-order mark)")
+        elif pairs >= 2 and even >= pairs / 2 and odd <= pairs / 20:
+            found = ("UTF-16BE", "UTF-16 (big-endian, no byte-order mark)")
+    if found is not None:
+        name, described = found
+        raise DataError(f"the file is encoded as {described}, not UTF-8", where=str(path),
+                        hint=f"save it as UTF-8 (e.g. `iconv -f {name} -t UTF-8 {path.name} > utf8-{path.name}`)")
 
 
 def _not_utf8(raw: bytes, where: str) -> DataError:
@@ -76,41 +121,131 @@ def _lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
                 yield number, None, raw[exc.start:]
 
 
+class _RecordLines:
+    """The file's lines as the csv reader pulls them, with what the current record took: csv pulls
+    a second line for one record only while a quoted field is open, so a record that keeps pulling
+    lines that are rows of their own, or that reaches the end of the file, has an unclosed quote."""
+
+    def __init__(self, fh, delimiter: str):
+        self._fh = fh
+        self._delimiter = delimiter
+        self.columns = 0  # the header's, once read; 0 while reading the header
+        self.pulled = 0  # lines the current record has taken
+        self.rowlike = 0  # of those after its first, how many have `columns` fields on their own
+        self.hit_end = False  # the file ended while the record still wanted a line
+        self.stopped = False  # fed no more lines to a field that had taken _RUNAWAY_STOP rows
+
+    def new_record(self) -> None:
+        self.pulled = self.rowlike = 0
+        self.hit_end = self.stopped = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.stopped:
+            raise StopIteration
+        try:
+            line = next(self._fh)
+        except StopIteration:
+            self.hit_end = self.pulled > 0
+            raise
+        self.pulled += 1
+        if self.pulled > 1 and self.columns > 1 and self._is_row(line):
+            self.rowlike += 1
+            if self.rowlike >= _RUNAWAY_STOP and self.rowlike >= _RUNAWAY_SHARE * (self.pulled - 1):
+                self.stopped = True  # csv ends the field here as at the end of a file; the caller raises
+        return line
+
+    def _is_row(self, line: str) -> bool:
+        return len(next(csv.reader([line], delimiter=self._delimiter), [])) == self.columns
+
+    def runaway(self) -> bool:
+        """The record's quoted field did not end where the writer meant it to."""
+        following = self.pulled - 1
+        return (self.hit_end or self.stopped
+                or (self.columns > 1 and following >= _RUNAWAY_LINES and self.rowlike >= _RUNAWAY_SHARE * following))
+
+
+def _breaks(text: str) -> int:
+    return len(_LINE_BREAK.findall(text))
+
+
+def _unclosed_quote(path: Path, start: int, end: int, values: list[str] | None, lines: _RecordLines) -> DataError:
+    """The error for a record whose quoted field ran on, at the line where that field opened."""
+    opened = start
+    if values:
+        # Line breaks are kept inside quoted fields only, so the field with the most of them is
+        # the one that ran on (at the end of the file, the last one), and the breaks in the fields
+        # before it count the lines from the record's start to its opening quote.
+        field = len(values) - 1 if lines.hit_end or lines.stopped else max(
+            range(len(values)), key=lambda i: _breaks(values[i]))
+        opened = start + sum(_breaks(v) for v in values[:field])
+    if lines.hit_end:
+        what = f"never closed: the rest of the file (lines {opened}-{end}) was read as one field"
+    elif lines.stopped:
+        what = (f"not closed within {lines.rowlike} lines that read as rows of their own: lines {opened}-{end} "
+                "were read as one field before reading stopped")
+    else:
+        what = (f"closed only on line {end}: lines {opened}-{end}, {lines.rowlike} of which read as rows "
+                "of their own, were read as one field")
+    return DataError(f"a quoted field opens on this line and is {what}", where=f"{path}:{opened}",
+                     hint=_UNCLOSED_QUOTE_HINT)
+
+
 def _read_delimited(path: Path) -> Iterator[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     # newline="" lets csv see quoted line breaks; surrogateescape keeps bad bytes for the row to report
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
+        lines = _RecordLines(fh, delimiter)
+        reader = csv.reader(lines, delimiter=delimiter)
+
+        def record(start: int) -> list[str] | None:
+            """The next record, or None at the end of the file. A quote that runs on raises, however
+            data.on_bad_rows is set: where the rows after it start cannot be known."""
+            lines.new_record()
+            try:
+                values = next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as exc:
+                if lines.hit_end or lines.stopped:  # other Pythons may raise at the end inside a quote
+                    raise _unclosed_quote(path, start, reader.line_num, None, lines) from None
+                raise DataError(f"malformed CSV: {exc}", where=f"{path}:{reader.line_num}") from None
+            if lines.runaway():
+                raise _unclosed_quote(path, start, reader.line_num, values, lines)
+            return values
+
+        header = record(1)
+        if header is None:
             return
-        except csv.Error as exc:
-            raise DataError(f"malformed CSV: {exc}", where=f"{path}:1") from None
         header = [h.strip() for h in header]
         if len(set(header)) != len(header) or any(not h for h in header):
             raise DataError(f"the header row has empty or repeated column names: {header}", where=f"{path}:1")
         if any(_SURROGATE.search(h) for h in header):
             raise _not_utf8(_bad_bytes(" ".join(header)), f"{path}:1")
+        lines.columns = len(header)
         start = reader.line_num + 1
         while True:
-            try:
-                values = next(reader)
-            except StopIteration:
+            values = record(start)
+            if values is None:
                 return
-            except csv.Error as exc:
-                raise DataError(f"malformed CSV: {exc}", where=f"{path}:{reader.line_num}") from None
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
+            first, end = start, reader.line_num
+            where = f"{path}:{first}"
+            start = end + 1
             if not values or all(not v.strip() for v in values):
                 continue
             problem = None
             if any(_SURROGATE.search(v) for v in values):
                 problem = _not_utf8(_bad_bytes(" ".join(values)), where)
             elif len(values) != len(header):
+                hint = "quote fields that contain the delimiter with double quotes"
+                if end > first:  # a few rows may have gone into a quoted field, too few to tell for sure
+                    hint = (f'a quoted field runs on over lines {first}-{end}: if its closing " is missing, add it, '
+                            f'and write a " that belongs to the text as ""; {hint}')
                 problem = DataError(
                     f"row has {len(values)} fields but the header has {len(header)} ({', '.join(header)})",
-                    where=where, hint="quote fields that contain the delimiter with double quotes")
+                    where=where, hint=hint)
             fields = dict(zip(header, values)) if problem is None else {"_raw": _printable(delimiter.join(values))}
             yield Row(fields, where, problem)
 
