@@ -10,16 +10,22 @@ for phones) or a context word (DOB, MRN, "my name is", ...). Choices worth knowi
 * Overlaps: the more specific type wins (the order of ``_PRIORITY``: a checksummed card beats an
   ``account`` id around the same digits, a URL's credentials beat the e-mail-like ``pass@host``),
   then the longer span.
-* Decoys: a number right after ``order``, ``invoice``, ``tracking``, ``ref``, ``ticket`` and the
-  like is never a phone or a card, nor is a dotted quad ever a phone. A dotted quad right after
+* Decoys: a bare run of digits right after ``order``, ``invoice``, ``tracking``, ``ref``,
+  ``ticket`` and the like is a reference, not a phone; one grouped the way the number is dialled
+  ("my claim 07700 900123") is a phone, and a Luhn-valid card is a card after any word. A dotted
+  quad is never a phone. A dotted quad right after
   ``version``/``build``/``release``/``firmware``/``v`` is a version, not an IP; any other valid
   address is flagged (private and loopback ones too, and a bare four-part version such as
   "crashes on 2.8.7.120": without a version word it cannot be told from an address).
   Dates are flagged only near a birth word; a bare year never is.
-* Person names are the weakest type: a title (Mr/Ms/Dr/...), a context (``my name is``,
-  ``Patient:``, ``Dear``, a sign-off such as ``Thanks,``, a role such as ``beneficiary`` or
-  ``spoke with``), two capitalised words before ``said``/``has``/..., or a first name from
-  ``first_names.txt`` with the capitalised surnames after it.
+* Person names are the weakest type: a title (Mr/Ms/Dr/..., then any word: "dr. nguyen"), a
+  context (``my name is``, ``Patient:``, a sign-off such as ``Thanks,`` closing the line, a role
+  such as ``beneficiary`` or ``spoke with``), two capitalised words before ``said``/``has``/...,
+  surname-first records ("SMITH, John"), or a first name from ``first_names.txt`` with the
+  surnames after it. Clinical and support text is full of capitalised words that are not people
+  ("with Crohn's disease", "call Cardiology", "paid with PayPal"), so weak cues (``for``, ``with``,
+  ``call``, ``Dear``, ``I'm``) need a listed first name or a first name and a surname, and without a
+  title, brands, departments, eponyms, organisations and words after a determiner are not names.
 
 Pseudonyms are HMAC-SHA256 of the value under the secret, so one secret maps a value to the same
 fake in every row, process and run. Fakes keep the shape but come from ranges that name nobody
@@ -28,7 +34,10 @@ test BIN 400000, SSNs in the never-issued 9xx area with groups outside the ITIN 
 reserved 240.0.0.0/4, IPv6 in the documentation prefix 2001:db8::/32. IBANs, phones and ids get
 keyed digits and letters in the original layout (with a valid IBAN checksum); there are too few
 reserved numbers to keep distinct values distinct. Birth dates live in a small space
-(1940-2005), so two people can share a fake date, as they can share a real one.
+(1940-2005), so two people can share a fake date, as they can share a real one. Keys are
+canonical where the spelling varies: a phone's E.164 form, a birth date's calendar date when the
+writing fixes it (03/04/1985 may be March or April and keys as written), so one value gets one fake
+in every layout. A lone word after Mr/Ms/Dr gets a fake surname.
 """
 
 from __future__ import annotations
@@ -74,12 +83,15 @@ class Finding:
 # --------------------------------------------------------------------------- detectors
 # Each detector yields (start, end) spans of values of one type in the text.
 
+# Letters of any script on both sides (jürgen@beispiel.de, internationalised domains), and an apostrophe
+# inside the local part (o'brien@...). The apostrophe is not in the look-behind, so a quoted address
+# ('jane@example.org') still starts at its first letter.
 _EMAIL = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"
+    r"(?<![\w.%+-])[^\W_][\w.%+'-]*@(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_]{2,24}\b"
 )
 _URL_CREDENTIALS = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://(?P<v>[^\s/?#@:]+:[^\s/?#@]+)@[^\s/?#@]+")
 
-# Words after which a number is a reference of some kind, not a phone or card.
+# Words after which a bare number is a reference of some kind, not a phone.
 _REFERENCE_BEFORE = re.compile(
     r"(?i:\b(?:order|invoice|inv|application|tracking|track|shipment|parcel|package|ticket|case|ref|reference|"
     r"sku|serial|part|model|item|confirmation|booking|transaction|txn|receipt|batch|lot|po|rma|claim|"
@@ -115,34 +127,54 @@ _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")  # an address or a version
 
 def _find_phone(text: str) -> Iterator[tuple[int, int]]:
     # The matcher costs about 0.1 ms per region even on a short window, so it runs only on digit
-    # runs that can hold a phone number: 7 to 15 digits (the E.164 maximum), not after "order" etc.
+    # runs that can hold a phone number: 7 to 15 digits (the E.164 maximum).
     for run in _PHONE_RUN.finditer(text):
         window = run.group()
         digits = sum(c.isdigit() for c in window)
-        if not 7 <= digits <= 15 or _DOTTED_QUAD.fullmatch(window) or _after_reference_word(text, run.start()):
+        if not 7 <= digits <= 15 or _DOTTED_QUAD.fullmatch(window):
             continue
-        for start, end in _phones_in(window):
-            yield run.start() + start, run.start() + end
+        # After "order", "case", "claim"... a bare run of digits is the reference, but one grouped
+        # the way the number is dialled ("my claim 07700 900123") is a phone all the same.
+        reference = _after_reference_word(text, run.start())
+        if reference and window.isdigit():  # ungrouped: the reference itself, spare the matcher
+            continue
+        for start, end, number in _phones_in(window):
+            if not reference or _laid_out_as_phone(window[start:end], number):
+                yield run.start() + start, run.start() + end
 
 
 @lru_cache(maxsize=1 << 16)
-def _phones_in(window: str) -> tuple[tuple[int, int], ...]:
-    """The phone numbers of one digit run. Cached: dates, amounts and reference numbers recur
-    across rows, and each costs the matcher a pass per region."""
+def _phones_in(window: str) -> tuple[tuple[int, int, phonenumbers.PhoneNumber], ...]:
+    """The phone numbers of one digit run, with their parsed numbers. Cached: dates, amounts and
+    reference numbers recur across rows, and each costs the matcher a pass per region."""
     # International form reads the same from every region; national forms need each one.
     regions = PHONE_REGIONS[:1] if window.startswith("+") else PHONE_REGIONS
-    found: list[tuple[int, int]] = []
+    found: list[tuple[int, int, phonenumbers.PhoneNumber]] = []
     covered: set[int] = set()
     for region in regions:
         for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
             covered.update(range(m.start, m.end))
-            found.append((m.start, m.end))
+            found.append((m.start, m.end, m.number))
         if all(i in covered for i, c in enumerate(window) if c.isdigit()):
             break
     return tuple(found)
 
 
-_CARD = re.compile(r"(?<![\w.,-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
+def _laid_out_as_phone(raw: str, number: phonenumbers.PhoneNumber) -> bool:
+    """True when ``raw`` has an international prefix or the digit groups of the number's national
+    format: "07700 900123" and "(415) 555-2671" are written as phones, "7712345678" is not."""
+    if raw.startswith(("+", "00")):
+        return True
+    groups = [len(g) for g in _DIGIT_GROUP.findall(raw)]
+    national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    return len(groups) > 1 and groups == [len(g) for g in _DIGIT_GROUP.findall(national)]
+
+
+_DIGIT_GROUP = re.compile(r"\d+")
+
+
+_CARD = re.compile(r"(?<![\w.,-])\d(?:[ .-]?\d){12,18}(?![\w-]|[.,]\d)")
+_DOTTED_CARD = re.compile(r"\d{4}(?:\.\d{4}){2,3}(?:\.\d{1,3})?")  # 4111.1111.1111.1111, not 1.2345678...
 
 
 def luhn_valid(digits: str) -> bool:
@@ -173,12 +205,17 @@ def _card_network_length_ok(d: str) -> bool:
 
 
 def _find_credit_card(text: str) -> Iterator[tuple[int, int]]:
+    # No reference-word exemption: the Luhn check and the network prefix and length already make a
+    # chance match rare, and a card quoted after "order" or "booking" is still a card.
     for m in _CARD.finditer(text):
         raw = m.group()
-        if len(set(c for c in raw if not c.isdigit())) > 1:  # "1234 5678-9012 3456" is not written by people
+        separators = set(c for c in raw if not c.isdigit())
+        if len(separators) > 1:  # "1234 5678-9012 3456" is not written by people
+            continue
+        if separators == {"."} and not _DOTTED_CARD.fullmatch(raw):
             continue
         digits = re.sub(r"\D", "", raw)
-        if luhn_valid(digits) and _card_network_length_ok(digits) and not _after_reference_word(text, m.start()):
+        if luhn_valid(digits) and _card_network_length_ok(digits):
             yield m.span()
 
 
@@ -193,12 +230,18 @@ IBAN_LENGTHS: dict[str, int] = {
     "RO": 24, "RS": 22, "SA": 24, "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28,
     "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
 }
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}")
+# Any case and spaces or hyphens between groups: the mod-97 checksum keeps lowercase words out.
+_IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}")
+
+
+def _compact_iban(iban: str) -> str:
+    return re.sub(r"[ -]", "", iban).upper()
 
 
 def iban_valid(iban: str) -> bool:
-    """True when ``iban`` (spaces allowed) has its country's length and a valid mod-97 checksum."""
-    compact = iban.replace(" ", "").upper()
+    """True when ``iban`` (spaces or hyphens allowed, any case) has its country's length and a
+    valid mod-97 checksum."""
+    compact = _compact_iban(iban)
     if IBAN_LENGTHS.get(compact[:2]) != len(compact) or not compact.isalnum():
         return False
     return _iban_remainder(compact[4:] + compact[:4]) == 1
@@ -210,13 +253,13 @@ def _iban_remainder(rearranged: str) -> int:
 
 def _find_iban(text: str) -> Iterator[tuple[int, int]]:
     for m in _IBAN.finditer(text):
-        length = IBAN_LENGTHS.get(m.group()[:2])
+        length = IBAN_LENGTHS.get(m.group()[:2].upper())
         if length is None:
             continue
         # The pattern may run on into a following code word; cut at the country's length.
         end, seen = m.start(), 0
         while seen < length and end < m.end():
-            seen += text[end] != " "
+            seen += text[end] not in " -"
             end += 1
         if seen == length and not (end < len(text) and text[end].isalnum()) and iban_valid(text[m.start():end]):
             yield m.start(), end
@@ -265,28 +308,79 @@ def _valid_ip(candidate: str) -> bool:
 _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
           r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
 _DATE = (
-    r"(?:\d{4}-\d{1,2}-\d{1,2}"
+    r"(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"
     r"|\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})"
-    rf"|\d{{1,2}}(?:st|nd|rd|th)?(?:\s+of)?\s+{_MONTH},?\s+\d{{4}}"
-    rf"|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}})"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?(?:\s+of)?(?:\s+|-){_MONTH}(?:,?\s+|-)\d{{4}}"
+    rf"|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}"
+    r"|(?:19|20)\d{6})"  # 19850312: checked to be a real date below
 )
-# A birth word, then at most a short stretch of the same clause, then the date.
+# A birth word, then at most a short stretch of the same clause, then the date; or "b." right
+# before the date, as in "Jane Doe (b. 12/03/1985)".
 _DATE_OF_BIRTH = re.compile(
-    r"(?i)\b(?:born|birth\s*date|date\s+of\s+birth|birthday|dob|d\.o\.b)\b\.?"
-    rf"[^.;!?\n]{{0,40}}?(?<![\w/.-])(?P<v>{_DATE})(?![\w/-]|\.\d)"
+    r"(?i)(?=[bd])(?:\b(?:born|birth\s*date|date\s+of\s+birth|birthday|dob|d\.o\.b)\b\.?[^.;!?\n]{0,40}?"
+    r"|(?<![\w.])(?-i:b)\.[ \t]?)"
+    rf"(?<![\w/.-])(?P<v>{_DATE})(?![\w/-]|\.\d)"
 )
 
 
 def _find_date_of_birth(text: str) -> Iterator[tuple[int, int]]:
     for m in _DATE_OF_BIRTH.finditer(text):
-        yield m.span("v")
+        value = m.group("v")
+        if not value.isdigit() or _canonical_date(value):
+            yield m.span("v")
+
+
+_MONTH_NUMBER = {name[:3].casefold(): i for i, name in enumerate(
+    ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+     "November", "December"), start=1)}
+
+
+def _canonical_date(value: str) -> str | None:
+    """The ISO date a birth date means, or None where the writing leaves it open: 03/04/1985 is
+    March or April, so it keeps its own key rather than be merged with the wrong one."""
+    year = month = day = None
+    if m := re.fullmatch(r"(\d{4})[-/.]?(\d{1,2})[-/.]?(\d{1,2})", value):
+        year, month, day = map(int, m.groups())
+    elif m := re.fullmatch(r"(\d{1,2})([/.-])(\d{1,2})[/.-](\d{2}|\d{4})", value):
+        a, sep, b, y = m.groups()
+        a, b = int(a), int(b)
+        if a > 12 or sep == ".":  # 25/03/1985; dots are written day first
+            day, month = a, b
+        elif b > 12:
+            month, day = a, b
+        else:
+            return None
+        year = int(y) if len(y) == 4 else _birth_century(int(y))
+    else:
+        words = re.findall(r"[A-Za-z]+|\d+", value)
+        numbers = [int(w) for w in words if w.isdigit()]
+        months = [_MONTH_NUMBER.get(w[:3].casefold()) for w in words if not w.isdigit() and w.casefold() != "of"]
+        months = [m for m in months if m]  # drops the "th" of "4th"
+        if len(numbers) != 2 or len(months) != 1:
+            return None
+        day, year, month = *numbers, months[0]
+    try:
+        return date(year, month, day).isoformat() if 1900 <= year <= date.today().year else None
+    except ValueError:
+        return None
+
+
+def _birth_century(yy: int) -> int:
+    # A two-digit birth year after this year's is last century's: "8/22/89" is 1989.
+    this_year = date.today().year
+    return 2000 + yy if 2000 + yy <= this_year else 1900 + yy
 
 
 _ID_NUMBER = re.compile(
-    r"(?i:\b(?:account|acct\.?|a/c|mrn|medical\s+record|policy|passport|"
-    r"(?:member|patient|employee|customer|subscriber)\s+(?:id|number|no\.?|\#))"
-    r"(?:\s+(?:number|num|no\.?|\#|id))?\s*(?:[:\#=]|\bis\b|\bending\s+in\b)?\s*)"
-    r"(?P<v>(?=[A-Za-z0-9-]*\d)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)\b(?!\.\d)"
+    r"\b(?=[A-Za-z])(?:(?i:\b(?:account|acct\.?|a/c|mrn|medical\s+record|policy|passport|driver['’]?s?\s+licen[cs]e|"
+    r"driving\s+licen[cs]e|national\s+insurance|tax\s+(?:id|identification)|medicare|medicaid|nhs|"
+    r"social\s+insurance|national\s+id|(?:member|patient|employee|customer|subscriber)\s+(?:id|number|no\.?|\#)))"
+    # Acronyms only in capitals: "ein", "tin" and "ni" are words in German, English and Italian.
+    r"|\b(?:EIN|TIN|ITIN|NINO|NI|SIN|DL)\b)"
+    r"(?i:(?:\s+(?:number|num|no\.?|\#|id))?\s*(?:[:\#=]|\bis\b|\bending\s+in\b)?\s*)"
+    # Digits in spaced groups ("12 345 678", the way passports and NHS numbers are printed), or one code.
+    r"(?P<v>\d{1,4}(?:[ ]\d{3,4}){1,4}(?![\w-])"
+    r"|(?=[A-Za-z0-9-]*\d)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)\b(?!\.\d)"
 )
 _YEAR = re.compile(r"(?:19|20)\d\d")
 
@@ -303,27 +397,54 @@ _NAME_TOKEN = (r"(?:[A-ZÀ-ÖØ-Þ][a-zß-öø-ÿ]+(?:[A-Z][a-z]+)?|[A-Z]['’][
                r"(?:-[A-Za-zÀ-ÖØ-öø-ÿ][a-zß-öø-ÿ]+)?")
 _NAME = rf"{_NAME_TOKEN}(?:[ \t]+(?:[A-Z]\.[ \t]+)?{_NAME_TOKEN}){{0,2}}"
 _TITLE = r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Professor|Sir|Dame|Rev)\.?[ \t]+(?:[A-Z]\.[ \t]+)?"
-# Words that introduce a name: self-introductions, form labels, greetings and sign-offs, and the
-# roles people are named by in tickets, notes and contracts ("beneficiary X", "spoke with X").
+# Words that introduce a name, grouped by how much they prove, because a capitalised word after
+# "for" or "with" is far more often a product, a department or a condition ("with Windows 11",
+# "call Cardiology", "with Crohn's disease") than a person:
+#   strong: self-introductions, form labels, the roles people are named by in tickets, notes and
+#     contracts, and talking to someone ("spoke with"): the capitalised words after them are a name;
+#   signoff: the name must end the line ("Thanks, Keiko", not "Thanks, Great service");
+#   greeting: a known first name, first name and surname, or one word closed by a comma
+#     ("Hi Anneliese,", "it's Tendai, my new number");
+#   weak: a known first name, or first name and surname ("for Thandiwe Novak", not "for Chrome").
 _BEFORE_NAME = (
-    r"(?i:\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|\bit's|\bthis\s+is|"
-    r"\b(?:full\s+|patient\s+|customer\s+)?name\s*:|\bfrom\s*:|\battn\.?\s*:?|\bsigned,?|\bsincerely,|"
-    r"\bregards,|\bthanks,|\bthank\s+you,|\bcheers,|\bbest,|\bdear|^hi|^hello|^hey|"
+    r"(?i:(?P<strong>\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|"
+    r"\b(?:full\s+|patient\s+|customer\s+)?name\s*:|\battn\.?\s*:?|"
+    r"\b(?:spoke|speak|talked|talk|chatted|met|meeting|conversation|call|interview|consulted)\s+(?:with|to)|"
     r"\b(?:patient|client|customer|applicant|beneficiary|(?:account|card|policy)\s*holder|claimant|defendant|"
-    r"plaintiff|tenant|landlord|employee|candidate|witness|contact|counsel|manager|for|with|call)"
-    r"\s*[:,]?)"
+    r"plaintiff|tenant|landlord|employee|candidate|witness|contact|counsel|manager)\s*[:,]?)"
+    r"|(?P<signoff>\bsigned,?|\bsincerely,|\bregards,|\bthanks,|\bthank\s+you,|\bcheers,|\bbest,)"
+    r"|(?P<greeting>^hi|^hello|^hey|\bit's|\bthis\s+is)"
+    r"|(?P<weak>\bdear|\bfrom\s*:|\bi['’]m|\bi\s+am|\baccording\s+to|^cc\b:?|\bcc:|\bfor|\bwith|\bcall))"
 )
 # Every cue starts a word with a letter: asserting that first lets the engine leave the other
 # positions at once instead of trying each of the cues there (2.6x faster, the same matches).
 _PERSON_CONTEXT = re.compile(rf"\b(?=[A-Za-z])(?:{_BEFORE_NAME}\s*(?:{_TITLE})?|{_TITLE})(?P<v>{_NAME})",
                              re.MULTILINE)
+_ENDS_WITH_TITLE = re.compile(rf"{_TITLE}$")
 # Two or three capitalised words followed by what people do in reports ("X Y said", "X Y has").
 _NAME_BEFORE_VERB = re.compile(
     rf"(?P<v>{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{1,2}})(?=[ \t]+(?:said|says|has|had|was|is|will|called|"
     r"wrote|asked|reported|requested|mentioned|confirmed|agreed|signed|joined|left|phoned|emailed)\b)"
 )
 _CAPITALISED_RUN = re.compile(rf"\b{_NAME}")
-# Capitalised words that context patterns and first names run into but that are not names.
+# A name in capitals, JOHN SMITH: only a listed first name of four letters or more with a surname,
+# since short capitalised words are mostly abbreviations (ANA, MIA, EVA).
+_FOUR_CAPITALS = re.compile(r"[A-Z]{4}")
+_CAPS_NAME = re.compile(r"\b(?=(?P<first>[A-Z]{4,})[ \t]+(?P<last>[A-Z]{2,}(?:['’-][A-Z]{2,})?)\b)")
+# Surname first, as in records and lists: "SMITH, John", "Haddad, Carlos - DOB ...": at the start
+# of a line or after a label, and closed by punctuation or the line's end.
+_INVERTED_NAME = re.compile(
+    rf"(?:^|(?<=:))[ \t]*(?P<v>(?P<last>{_NAME_TOKEN}|[A-Z]{{2,}}(?:['’-][A-Z]{{2,}})?),[ \t]+"
+    rf"(?P<first>{_NAME_TOKEN}))(?=[ \t]*(?:[-–—(,;|]|$))",
+    re.MULTILINE,
+)
+# A name in lower case, only where the cue leaves no doubt: "my name is john smith", "dr. nguyen".
+_LOWER_NAME = re.compile(
+    r"\b(?=[A-Za-z])(?i:\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|\b(?:mr|mrs|ms|mx|dr|prof)\.)[ \t]+"
+    r"(?P<v>(?-i:[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+(?:[ \t]+[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+){0,2}))"
+)
+# Capitalised words that context patterns and first names run into but that are not names: trimmed
+# off both ends of a run.
 _NOT_NAME = frozenset("""
     The This That These Those There Here It I We You They He She Our Your My His Her Their A An And Or But
     Thanks Thank Regards Best Cheers Hi Hello Dear Sincerely Team Support Customer Service Services Sales
@@ -332,6 +453,52 @@ _NOT_NAME = frozenset("""
     Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun
     Please Ok Okay Yes No Not Sorry Unknown Patient Client Department Office Ltd Inc Corp Group
     Mr Mrs Ms Miss Mx Dr Prof Professor Dame Rev Agreement Contract Company Bank Court Clinic Hospital
+""".split())
+# Ordinary capitalised words that are never a name without a title before them ("Mr. Down" is a
+# person, "with Down syndrome" is not): also trimmed off the ends of a run.
+_COMMON_WORDS = frozenset("""
+    Very Really So Just Still Also Now Super Extremely Totally Quite Absolutely Completely
+    Happy Sad Angry Upset Glad Unhappy Disappointed Frustrated Confused Sure Done Fine Good Great Bad Awful
+    Broken Urgent Important New Free Help Update Example Sale Info Information Note Notes Review Report
+    Summary Request Issue Problem Error Question Feedback Welcome Reminder Warning Notice Invoice Order
+    World Today Tomorrow Yesterday Morning Afternoon Evening Night Weekend Home Work
+    Apple Amazon Google Microsoft Windows Chrome Firefox Safari Android Python Java Linux Ubuntu Excel Outlook
+    Teams Zoom Slack Visa Mastercard Amex Pay Echo Galaxy Pixel Kindle Prime Netflix Spotify Facebook
+    Instagram Twitter Samsung Huawei Xiaomi Sony Lenovo Intel Nvidia Visual Studio Code Office Word Cloud
+    Crohn Parkinson Alzheimer Hodgkin Tourette Asperger Raynaud Down Syndrome Disease
+""".split())
+# Words that make a run a place, even around a first name: San Francisco, Port Elizabeth, Maria St.
+_PLACE_WORDS = frozenset("""
+    New San Santa Saint St Los Las Port Fort Lake Mount Hong Saudi Sri Costa Puerto United Street Road Avenue
+""".split())
+# Words that make a run an organisation, not a person ("Accounts Payable", "Acme Holdings Ltd").
+_ORG_WORDS = frozenset("""
+    Ltd Limited Inc Corp Corporation LLC LLP PLC Plc GmbH Co Company Group Holdings Partners Associates
+    Bank Insurance Hospital Clinic Pharmacy Surgery University College School Council Agency Ministry
+    Department Dept Services Solutions Systems Technologies Labs Foundation Institute Association
+    Traders Trading Industries Enterprises Accounts Payable Receivable
+""".split())
+# Word endings of English nouns and adjectives that no common name has (Cardiology, Payable).
+_ENGLISH_ENDING = re.compile(r"\w{3,}(?:ology|ologist|iatry|iatrics|ness|tion|sion|ship|able|ible|ful|less|ous)")
+# A capital inside a word that is not a name prefix (Mc, Mac, O', De, La, Van...) marks a brand: PayPal.
+_BRAND_CAPS = re.compile(r"(?!Mc|Mac|De|Di|Da|Du|La|Le|Van|Von|Fitz)[A-Z][a-z]+[A-Z][a-z]+")
+# A determiner before the run makes it a thing: "the Amazon Echo", "my Galaxy S22".
+_DETERMINER_BEFORE = re.compile(r"(?i:\b(?:the|a|an|my|your|our|their|his|its|this|that|these|those|every|"
+                                r"each|any)[ \t]+)$")
+# An eponym, not a person: "Crohn's disease", "Bell's palsy", "Down syndrome".
+_EPONYM_AFTER = re.compile(r"(?:['’]s)?[ \t]+(?i:disease|syndrome|palsy|sarcoma|lymphoma|disorder|phenomenon|"
+                           r"maneuver|manoeuvre|procedure|ulcer|reflex|fracture|tumou?r|anomaly)\b")
+_WORD = re.compile(r"\S+")
+_LOWER_WORD_NEXT = re.compile(r"[ \t]+[a-z]")  # a sign-off name runs on into a sentence
+_CLOSES_GREETING = re.compile(r"[ \t]*(?:,|\n|(?:from|here|again|speaking)\b)")
+# Lower-case words that end a lower-case name, or show there was none ("my name is not listed").
+_LOWER_NOT_NAME = frozenset("""
+    a an the and or but nor so yet is was are were be been being am has had have will would can could shall
+    should may might must do does did not no yes on in at to of for from with by about as into over under
+    it its this that these those there here i me my we us our you your he him his she her they them their
+    also still now then just very too please thanks thank sorry ok okay who which what when where why how
+    today tomorrow yesterday tonight said says told asked called wrote office appointment visit note notes
+    missing wrong spelled spelt misspelled incorrect correct different same listed shown blank empty unknown
 """.split())
 
 
@@ -342,28 +509,112 @@ def first_names() -> frozenset[str]:
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
-def _name_span(text: str, start: int, end: int) -> tuple[int, int] | None:
-    """Trim words that are not names off both ends of a capitalised run."""
-    words = [(m.start() + start, m.end() + start) for m in re.finditer(r"\S+", text[start:end])]
-    while words and text[words[0][0]:words[0][1]] in _NOT_NAME:
+@cache
+def _first_names_folded() -> frozenset[str]:
+    return frozenset(name.casefold() for name in first_names())
+
+
+def _ordinary_word(word: str) -> bool:
+    """True for a capitalised word that is not a name unless a title vouches for it."""
+    return (word in _NOT_NAME or word in _COMMON_WORDS or word in _PLACE_WORDS or _ENGLISH_ENDING.fullmatch(word) is not None
+            or _BRAND_CAPS.fullmatch(word) is not None)
+
+
+def _name_span(text: str, start: int, end: int, rule: str = "strong") -> tuple[int, int] | None:
+    """The name in the capitalised run ``text[start:end]`` found by ``rule``, or None.
+
+    ``rule`` is "title" (after Mr/Dr/...), a cue kind of ``_BEFORE_NAME``, "verb" (before "said"
+    and the like) or "first_name" (the run holds a listed first name). A title vouches for any word.
+    Otherwise organisations, eponyms and things after a determiner are dropped; a strong cue or a
+    listed first name keeps the name inside a run of ordinary words ("Thanks Maria Great job"), but
+    for the weaker rules one such word makes the run a thing ("according to New York Times"), and
+    they ask for a listed first name or a first name and a surname."""
+    words = [m.span() for m in _WORD.finditer(text, start, end)]
+    names = first_names()
+    if rule != "title":
+        if any(text[a:b] in _ORG_WORDS or text[a:b] in _PLACE_WORDS for a, b in words):
+            return None
+        if rule not in ("strong", "first_name") and any(
+                text[a:b] not in _NOT_NAME and text[a:b] not in names and _ordinary_word(text[a:b])
+                for a, b in words):
+            return None
+
+    def ordinary(word: str) -> bool:
+        return word in _NOT_NAME if rule == "title" else word not in names and _ordinary_word(word)
+
+    while words and ordinary(text[words[0][0]:words[0][1]]):
         words.pop(0)
-    while words and text[words[-1][0]:words[-1][1]] in _NOT_NAME:
+    while words and ordinary(text[words[-1][0]:words[-1][1]]):
         words.pop()
-    return (words[0][0], words[-1][1]) if words else None
+    if not words:
+        return None
+    span = (words[0][0], words[-1][1])
+    if rule == "title":
+        return span
+    if _DETERMINER_BEFORE.search(text, max(0, span[0] - 8), span[0]) or _EPONYM_AFTER.match(text, span[1]):
+        return None
+    known_first = text[words[0][0]:words[0][1]] in names
+    if rule == "strong":
+        return span
+    if rule == "signoff":
+        return span if known_first or not _LOWER_WORD_NEXT.match(text, span[1]) else None
+    if rule == "first_name":
+        return span if any(text[a:b] in names for a, b in words) else None
+    if known_first or len(words) >= 2:
+        return span
+    if rule == "greeting" and _CLOSES_GREETING.match(text, span[1]):
+        return span
+    return None
 
 
 def _find_person(text: str) -> Iterator[tuple[int, int]]:
-    for m in (*_PERSON_CONTEXT.finditer(text), *_NAME_BEFORE_VERB.finditer(text)):
-        span = _name_span(text, *m.span("v"))
-        if span:
-            yield span
+    spans = []
+    for m in _PERSON_CONTEXT.finditer(text):
+        if _ENDS_WITH_TITLE.search(text, m.start(), m.start("v")):
+            rule = "title"
+        else:
+            rule = next(kind for kind in ("strong", "signoff", "greeting", "weak") if m.group(kind) is not None)
+        spans.append(_name_span(text, *m.span("v"), rule))
+    spans += [_name_span(text, *m.span("v"), "verb") for m in _NAME_BEFORE_VERB.finditer(text)]
     names = first_names()
-    for m in _CAPITALISED_RUN.finditer(text):
-        words = m.group().split()
-        if any(w in names for w in words):
-            span = _name_span(text, *m.span())
-            if span:
-                yield span
+    spans += [_name_span(text, *m.span(), "first_name") for m in _CAPITALISED_RUN.finditer(text)
+              if any(w in names for w in m.group().split())]
+    yield from filter(None, spans)
+    yield from _names_in_capitals(text)
+    yield from _inverted_names(text)
+    yield from _lower_case_names(text)
+
+
+def _names_in_capitals(text: str) -> Iterator[tuple[int, int]]:
+    if not _FOUR_CAPITALS.search(text):
+        return
+    for m in _CAPS_NAME.finditer(text):
+        last = m.group("last")
+        if m.group("first").title() in first_names() and not _ordinary_word(last.title()) \
+                and last.casefold() not in _LOWER_NOT_NAME:
+            yield m.start("first"), m.end("last")
+
+
+def _inverted_names(text: str) -> Iterator[tuple[int, int]]:
+    if "," not in text:
+        return
+    for m in _INVERTED_NAME.finditer(text):
+        last, first = m.group("last"), m.group("first")
+        if not any(_ordinary_word(w.title()) or w.title() in _ORG_WORDS for w in (last, first)):
+            yield m.span("v")
+
+
+def _lower_case_names(text: str) -> Iterator[tuple[int, int]]:
+    folded = _first_names_folded()
+    for m in _LOWER_NAME.finditer(text):
+        kept = []
+        for word in _WORD.finditer(m.group("v")):
+            w = word.group()
+            if w not in folded and (w in _LOWER_NOT_NAME or w.endswith(("ing", "ed", "ly"))):
+                break
+            kept.append(word)
+        if kept:
+            yield m.start("v") + kept[0].start(), m.start("v") + kept[-1].end()
 
 
 _ANY_DIGIT = re.compile(r"\d")
@@ -418,10 +669,26 @@ def _fake_email(value: str, k: _Keyed) -> str:
 
 
 def _fake_phone(value: str, k: _Keyed) -> str:
-    # Keep an international prefix (+CC / 00CC) or a trunk 0 so the fake reads as the same kind of number.
-    m = re.match(r"(?:\+|00)\d{1,3}|\(?0", value)
+    # Keep an international prefix (+CC / 00CC) or a trunk 0 so the fake reads as the same kind of
+    # number. The digits after it are drawn in order from a key on the E.164 form, so "+44 20 7946
+    # 0958" and "020 7946 0958" get the same fake number, each in its own layout.
+    parsed = _parse_phone(value)
+    m = re.match(rf"(?:\+|00)[ \t]*{parsed.country_code}" if parsed else r"(?:\+|00)\d{1,3}", value)
+    m = m or re.match(r"\(?0", value)
     head = m.group() if m else ""
     return head + re.sub(r"\d", lambda _: str(k.below(10)), value[len(head):])
+
+
+def _parse_phone(value: str) -> phonenumbers.PhoneNumber | None:
+    """The number as the first region that finds it valid reads it (international form: any)."""
+    for region in PHONE_REGIONS[:1] if value.startswith("+") else PHONE_REGIONS:
+        try:
+            number = phonenumbers.parse(value, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return number
+    return None
 
 
 def _fake_credit_card(value: str, k: _Keyed) -> str:
@@ -432,11 +699,13 @@ def _fake_credit_card(value: str, k: _Keyed) -> str:
 
 
 def _fake_iban(value: str, k: _Keyed) -> str:
-    compact = value.replace(" ", "").upper()
+    compact = _compact_iban(value)
     bban = k.like(compact[4:])
     check = 98 - _iban_remainder(bban + compact[:2] + "00")
     fake = iter(f"{compact[:2]}{check:02d}{bban}")
-    return "".join(c if c == " " else next(fake) for c in value)
+    # The original's separators and case: "de89 3704 ..." stays lower case, "GB82-WEST-..." hyphenated.
+    return "".join(c if c in " -" else next(fake) if c.isupper() or c.isdigit() else next(fake).lower()
+                   for c in value)
 
 
 def _fake_us_ssn(value: str, k: _Keyed) -> str:
@@ -462,8 +731,11 @@ _MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", 
 
 def _fake_date_of_birth(value: str, k: _Keyed) -> str:
     fake = date(1940 + k.below(66), 1 + k.below(12), 1 + k.below(28))
-    if re.fullmatch(r"\d{4}-\d{1,2}-\d{1,2}", value):
-        return fake.isoformat()
+    if year_first := re.fullmatch(r"\d{4}([-/.]?)\d{1,2}[-/.]?\d{1,2}", value):
+        sep = year_first.group(1)
+        return f"{fake.year}{sep}{fake.month:02d}{sep}{fake.day:02d}"
+    if re.fullmatch(r"\d{1,2}-[A-Za-z]+\.?-\d{4}", value):  # 12-Mar-1985
+        return f"{fake.day:02d}-{_MONTH_NAMES[fake.month - 1][:3]}-{fake.year}"
     numeric = re.fullmatch(r"(\d{1,2})([/.-])(\d{1,2})[/.-](\d{2,4})", value)
     if numeric:
         first, sep, _, year = numeric.groups()
@@ -492,10 +764,27 @@ def _first_names_in_order() -> tuple[str, ...]:
 def _fake_person(value: str, k: _Keyed) -> str:
     names = _first_names_in_order()
     first = names[k.below(len(names))]
-    if len(value.split()) == 1:
-        return first
-    surname = "".join(_SYLLABLES[k.below(len(_SYLLABLES))] for _ in range(3)).capitalize()
-    return f"{first} {surname}"
+    words = value.split()
+    if len(words) == 1:
+        return _same_case(first, value)
+    surname = _fake_surname(value, k)
+    if "," in value:  # "SMITH, John" keeps surname first
+        return f"{_same_case(surname, words[0])}, {_same_case(first, words[-1])}"
+    return _same_case(f"{first} {surname}", value)
+
+
+def _fake_surname(value: str, k: _Keyed) -> str:
+    # Made of syllables, not taken from a list, so that it names nobody in particular.
+    return _same_case("".join(_SYLLABLES[k.below(len(_SYLLABLES))] for _ in range(3)).capitalize(), value)
+
+
+def _same_case(fake: str, value: str) -> str:
+    """``fake`` in capitals or lower case where ``value`` is ("JOHN SMITH", "john smith")."""
+    return fake.upper() if value.isupper() else fake.lower() if value.islower() else fake
+
+
+# After these titles a lone word is a surname ("Ms. Patel"); after Sir and Dame it is a first name.
+_SURNAME_TITLE_BEFORE = re.compile(r"\b(?i:mr|mrs|ms|miss|mx|dr|prof|professor|rev)\.?[ \t]+(?:[A-Z]\.[ \t]+)?$")
 
 
 _FAKERS: dict[str, Callable[[str, _Keyed], str]] = {
@@ -507,10 +796,16 @@ _FAKERS: dict[str, Callable[[str, _Keyed], str]] = {
 
 def _normalise(kind: str, value: str) -> str:
     """The key a value is pseudonymised under, so that spellings of one value share a fake."""
-    if kind in ("phone", "credit_card", "us_ssn"):
+    if kind == "phone":
+        number = _parse_phone(value)
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164) if number \
+            else re.sub(r"\D", "", value)
+    if kind in ("credit_card", "us_ssn"):
         return re.sub(r"\D", "", value)
     if kind == "iban":
-        return value.replace(" ", "").upper()
+        return _compact_iban(value)
+    if kind == "date_of_birth":
+        return _canonical_date(value) or value
     if kind == "ip_address":
         return str(ipaddress.ip_address(value.split("%")[0]))
     if kind in ("email", "person"):
@@ -568,19 +863,23 @@ class PiiRedactor:
         findings = self.find(text)
         parts, last = [], 0
         for f in findings:
-            parts += [text[last:f.start], self._replacement(f)]
+            parts += [text[last:f.start], self._replacement(f, text)]
             last = f.end
         parts.append(text[last:])
         return "".join(parts), findings
 
-    def _replacement(self, finding: Finding) -> str:
+    def _replacement(self, finding: Finding, text: str) -> str:
         if self.mode == "placeholder":
             return f"[{finding.type.upper()}]"
         key = _normalise(finding.type, finding.text)
+        faker = _FAKERS[finding.type]
+        if (finding.type == "person" and " " not in finding.text and finding.text.title() not in first_names()
+                and _SURNAME_TITLE_BEFORE.search(text, max(0, finding.start - 16), finding.start)):
+            faker = _fake_surname  # "Ms. Patel" -> "Ms. Kodaru", not "Ms. Isabel"
         # Redraw in the rare case a fake equals or contains the value ("Li" -> "Lina").
         attempt = 0
         while True:
-            fake = _FAKERS[finding.type](finding.text, _Keyed(self._secret, finding.type, key, attempt))
+            fake = faker(finding.text, _Keyed(self._secret, finding.type, key, attempt))
             if finding.text.casefold() not in fake.casefold():
                 return fake
             attempt += 1
