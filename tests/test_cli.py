@@ -116,3 +116,23 @@ def test_dry_run_prints_what_would_run_and_refuses_what_run_would(sft_recipe):
     assert bad.exit_code == 2 and "training.epochs" in bad.output
     gate = runner.invoke(app, ["run", str(sft_recipe), "--dry-run", "--gate", "tuned.accuracy >>= 1"])
     assert gate.exit_code == 2 and "gate" in gate.output.lower()
+
+
+def test_errors_and_cards_print_the_data_s_brackets_as_written(tmp_path):
+    """Labels like "[refund]" and roles like "[/INST]" are data, not rich markup."""
+    from conftest import write_jsonl
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "[/INST]", "content": "x"}]}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: t\ntask: sft\nbase_model: smollm2-135m-instruct\ndata:\n  train: chat.jsonl\n")
+    done = subprocess.run([sys.executable, "-m", "domaintune", "data", "prepare", str(recipe), "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert f"{chat}:1" in done.stderr and "'[/INST]'" in done.stderr and "Traceback" not in done.stderr
+
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\n" + "".join(f"ticket {i},[{'refund' if i % 2 else 'login'}]\n" for i in range(10)))
+    result = runner.invoke(app, ["data", "inspect", str(table)])
+    assert result.exit_code == 0, result.output
+    assert "[refund]" in result.output and "[login]" in result.output

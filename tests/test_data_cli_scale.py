@@ -34,9 +34,9 @@ def streamed(monkeypatch) -> list[int | None]:
     calls: list[int | None] = []
     real = stream.prepare_streaming
 
-    def recorded(spec, root, directory, console=None, workers=None):
+    def recorded(spec, root, directory, console=None, workers=None, **options):
         calls.append(workers)
-        return real(spec, root, directory, console, workers)
+        return real(spec, root, directory, console, workers, **options)
 
     monkeypatch.setattr(stream, "prepare_streaming", recorded)
     return calls

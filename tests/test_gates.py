@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from domaintune.errors import RecipeError
-from domaintune.evaluate.gates import check_gate
+from domaintune.evaluate.gates import check_gate, validate_gate
 
 
 @pytest.fixture
@@ -147,3 +147,23 @@ def test_intervals_missing_from_old_metrics(metrics):
 def test_division_by_zero_is_reported(metrics):
     with pytest.raises(RecipeError, match="division by zero"):
         check_gate("tuned.accuracy / (base.accuracy - base.accuracy) > 1", metrics)
+
+
+@pytest.mark.parametrize("task, expr, wrong", [
+    ("classification", "tuned.acuracy >= base.accuracy", "acuracy"),
+    ("sft", "difference.accuracy.low > 0", "accuracy"),  # an sft run has no accuracy
+    ("pretrain", "tuned.perplexity < base.perplexity and tuned.rouge_l > 0", "rouge_l"),
+])
+def test_a_gate_naming_a_metric_the_task_lacks_is_refused_before_a_run(task, expr, wrong):
+    with pytest.raises(RecipeError, match=f"no metric '{wrong}' in {task} runs") as caught:
+        validate_gate(expr, task)
+    assert "available: " in caught.value.message
+
+
+@pytest.mark.parametrize("task, expr", [
+    ("classification", "tuned.per_label.refund.f1 >= 0.9 and difference.macro_f1.low > 0 and tuned.ece < 0.1"),
+    ("sft", "tuned.exact_match >= base.exact_match and tuned.perplexity < base.perplexity"),
+    ("pretrain", "tuned.perplexity < base.perplexity"),
+])
+def test_gates_on_the_metrics_of_the_task_pass_the_check(task, expr):
+    validate_gate(expr, task)

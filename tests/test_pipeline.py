@@ -11,6 +11,7 @@ import yaml
 
 from domaintune import catalog, run
 from domaintune.catalog import sha256_file
+from domaintune.evaluate.gates import METRICS
 
 EXPECTED_FILES = {"recipe.yaml", "metrics.json", "lineage.json", "model_card.md", "report.html", "train_log.jsonl",
                   "predictions.jsonl"}
@@ -27,6 +28,8 @@ def _check_run_dir(result, task: str, method: str) -> dict:
     assert metrics["eval_rows"] == result.eval_rows > 0
     headline = {"classification": "accuracy", "sft": "exact_match", "pretrain": "perplexity"}[task]
     assert headline in metrics["base"] and headline in metrics["tuned"]
+    for which in ("base", "tuned"):  # what a gate's names are checked against before training
+        assert set(metrics[which]) - {"model"} == set(METRICS[task])
 
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert resolved["method"] == method
@@ -182,7 +185,43 @@ def test_failed_run_leaves_nothing_behind(classification_recipe, tmp_path):
     with pytest.raises(RecipeError, match="lora.target_modules"):
         run(classification_recipe, overrides={"lora.target_modules": ["no_such_module"]}, output_dir=tmp_path / "runs")
     leftovers = list((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else []
-    assert not [p for p in leftovers if p.is_file()], leftovers
+    assert not leftovers, leftovers  # not even the recipe's empty folder
+
+
+def test_a_gate_on_a_metric_the_task_lacks_and_a_file_as_output_dir_fail_before_any_work(classification_recipe,
+                                                                                          tmp_path, monkeypatch):
+    import domaintune.pipeline as pipeline
+    from domaintune.errors import RecipeError
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data steps ran")
+
+    monkeypatch.setattr(pipeline, "prepare", no_work)
+    with pytest.raises(RecipeError, match="no metric 'acuracy' in classification runs"):
+        run(classification_recipe, gates=["tuned.acuracy >= base.accuracy"], output_dir=tmp_path / "runs")
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.undo()
+    with pytest.raises(RecipeError, match="is a file"):
+        run(classification_recipe, output_dir=tmp_path / "a-file")
+
+
+def test_sft_rows_whose_answer_lies_beyond_max_seq_length_are_counted_out(sft_recipe, tmp_path):
+    from conftest import colour_rows, write_jsonl
+    from domaintune.pipeline import dry_run
+
+    long = [{"prompt": "please tell me " + "and then some more words " * 20 + f"about item {i}",
+             "completion": "blue ."} for i in range(12)]
+    write_jsonl(sft_recipe.parent / "data" / "colours.jsonl", colour_rows() + long)
+    plan = dry_run(sft_recipe)
+    assert plan["rows_too_long"] > 0
+    result = run(sft_recipe, overrides={"training.epochs": 1}, output_dir=tmp_path / "runs", register=False)
+    assert result.train_rows == plan["train_rows"] == json.loads((result.run_dir / "metrics.json").read_text())["train_rows"]
+    lineage = json.loads((result.run_dir / "lineage.json").read_text())
+    assert lineage["training"]["rows_too_long"] == plan["rows_too_long"]
+    card = (result.run_dir / "model_card.md").read_text()
+    assert f"{result.train_rows} trained on" in card and f"and {plan['rows_too_long']} whose answer starts after" in card
+    data_card = json.loads((result.run_dir / "data_card.json").read_text())
+    assert data_card["kept"]["train"] == result.train_rows + plan["rows_too_long"]
 
 
 def test_unseen_eval_label_is_reported_with_its_row(classification_recipe, tmp_path):

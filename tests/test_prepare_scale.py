@@ -189,3 +189,27 @@ def test_array_splits():
     assert time_mask(times, 0.2).tolist() == [t >= 7 for t in times]
     assert time_mask(np.array([2.0, 1, 3, 3]), 0.25).tolist() == [False, False, True, True]
     assert not time_mask(np.ones(5), 0.2).any()
+
+
+def test_splits_do_not_hold_out_most_rows_for_one_large_group_or_time():
+    from domaintune.data.split import group_split, time_split
+
+    # 45 rows of one customer, 15 of others: the big group trains, eval stays near 20%
+    groups = np.array([0.0] * 45 + [float(g) for g in range(1, 16)])
+    for seed in range(5):
+        held = group_mask(groups, 0.2, seed=seed)
+        train, evaluation = group_split(list(groups), 0.2, seed, group=lambda g: g)
+        assert not held[:45].any() and 5 <= held.sum() <= 15
+        assert 0 not in evaluation and 5 <= len(evaluation) <= 15
+    # two groups, both far larger than the target: the smaller one is held out alone
+    assert group_mask(np.array([0.0] * 45 + [1.0] * 15), 0.2, seed=0).sum() == 15
+    assert group_split([0] * 45 + [1] * 15, 0.2, 0, group=lambda g: g)[1] == [1] * 15
+    # 48 of 60 rows share the newest time: exactly the newest 12 (ties in file order) are held out
+    times = np.array([float(t) for t in range(12)] + [99.0] * 48)
+    assert time_mask(times, 0.2).tolist() == [False] * 48 + [True] * 12
+    train, evaluation = time_split(list(range(60)), 0.2, time=lambda i: times[i])
+    assert evaluation == list(range(48, 60))
+    # ties at the cut-off go to train when that keeps eval nearer the fraction
+    times = np.array([1.0] * 5 + [2.0] * 4 + [3.0])
+    assert time_mask(times, 0.2).tolist() == [False] * 9 + [True]
+    assert time_split(list(range(10)), 0.2, time=lambda i: times[i])[1] == [9]

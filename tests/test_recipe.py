@@ -240,6 +240,12 @@ def test_sft_epochs_do_not_depend_on_rows():
     (" training.seed = 3", ("training.seed", 3)),
     ("evaluate.max_rows=[1", ("evaluate.max_rows", "[1")),  # not YAML: kept as text
     ("flag=true", ("flag", True)),
+    ("flag=False", ("flag", False)),
+    # YAML 1.1 would read these as a boolean, a mapping and a date: on a command line they are text
+    ("data.text_field=yes", ("data.text_field", "yes")),
+    ("data.system_prompt=Answer: yes or no", ("data.system_prompt", "Answer: yes or no")),
+    ("data.split.time_field=2024-05-01", ("data.split.time_field", "2024-05-01")),
+    ("evaluate.bias_terms={job: [[nurse, surgeon]]}", ("evaluate.bias_terms", {"job": [["nurse", "surgeon"]]})),
 ])
 def test_parse_override_types_values(text, expected):
     key, value = parse_override(text)
@@ -300,8 +306,15 @@ def test_override_with_invalid_value_is_a_recipe_error(tmp_path):
 
 def test_override_with_unknown_key_is_a_recipe_error(tmp_path):
     text = error_text(tmp_path, BASE, {"training.epoch": 1})
-    assert "training.epoch: unknown key" in text
-    assert "epochs" in text
+    assert "--set: training.epoch: unknown key; did you mean 'epochs'?" in text
+
+
+def test_an_override_error_names_the_override_not_a_line_of_the_file(tmp_path):
+    text = error_text(tmp_path, BASE + "training:\n  epochs: 3\n", {"training.epochs": "three"})
+    assert "--set: training.epochs: Input should be" in text  # not "training.epochs.int" (a union's member)
+    assert ".yaml:" not in text
+    text = error_text(tmp_path, BASE, {"data": {"dedup": {"treshold": 0.5}}})
+    assert "--set data: data.dedup.treshold: unknown key; did you mean 'threshold'?" in text
 
 
 # ---------------------------------------------------------------- errors

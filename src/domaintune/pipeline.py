@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from rich.console import Console
 from domaintune import catalog
 from domaintune.data.examples import TextExample
 from domaintune.data.prepare import PreparedData, prepare, write_prepared
+from domaintune.data.steps import check_split
 from domaintune.errors import DataError, DomaintuneError, ModelError, RecipeError
 from domaintune.evaluate.bias import flip_rate, load_term_groups
 from domaintune.evaluate.comparison import compare_classification, compare_generation
@@ -95,6 +97,10 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
 
     spec = _checked_recipe(recipe_path, overrides, gates)
     resumed = _resume_dirs(Path(resume), spec.name) if resume is not None else None
+    out_root = Path(output_dir) if output_dir is not None else root / spec.output_dir
+    if out_root.exists() and not out_root.is_dir():
+        raise RecipeError(f"the output directory {out_root} is a file",
+                          hint="give --output-dir (or the recipe's output_dir) a folder, new or existing")
     spec, data, base = _data_and_base(spec, root, console)
     timings["data_s"] = time.perf_counter() - clock
     console.print(f"[bold]{spec.name}[/]: {spec.task} on [cyan]{spec.base_model}[/] ({spec.method}); "
@@ -105,7 +111,6 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         run_id = run_dir.name
         console.print(f"resuming {staging}")
     else:
-        out_root = Path(output_dir) if output_dir is not None else root / spec.output_dir
         # under torchrun every process names rank 0's run: one folder, which rank 0 alone writes
         run_id = distributed.from_main(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
         run_dir = out_root / spec.name / run_id
@@ -141,6 +146,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
         # a failed resume keeps the checkpoints it came for; the other processes leave rank 0's folder
         if not resumed and main:
             shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
+            with contextlib.suppress(OSError):  # nor the recipe's folder, when this run made it
+                staging.parent.rmdir()
         raise
     if register:
         from domaintune.registry.store import register_run
@@ -159,8 +166,9 @@ def _checked_recipe(recipe_path: Path, overrides: dict[str, Any] | None, gates: 
     if gates:
         spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"gates": [*spec.evaluate.gates, *gates]})})
     for expr in spec.evaluate.gates:
-        validate_gate(expr)  # a typo in a gate should fail now, not after training
+        validate_gate(expr, spec.task)  # a typo in a gate should fail now, not after training
     check_runs_here(spec)
+    check_split(spec)
     return spec
 
 
@@ -188,6 +196,7 @@ def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: 
     recipe_path = Path(recipe).resolve()
     spec, data, base = _data_and_base(_checked_recipe(recipe_path, overrides, gates), recipe_path.parent, console)
     t = spec.training
+    too_long = 0
     if spec.task == "classification":
         plan = cpu_plan(t.speed)
         rows = len(data.train)
@@ -201,12 +210,31 @@ def dry_run(recipe: str | Path, overrides: dict[str, Any] | None = None, gates: 
 
             rows = len(pack_text(catalog.load_tokenizer(base), [e.text for e in data.train], int(t.max_seq_length)))
         else:
-            rows = len(data.train)
+            train_rows, too_long = _sft_train_rows(catalog.load_tokenizer(base), data.train, int(t.max_seq_length), console)
+            rows = len(train_rows)
     per_epoch, steps = count_steps(math.ceil(rows / int(t.batch_size)), _loop_config(spec, None))
     return {"name": spec.name, "task": spec.task, "method": spec.method, "base_model": spec.base_model,
-            "base_path": str(base.path), "train_rows": len(data.train), "eval_rows": len(data.eval),
+            "base_path": str(base.path), "train_rows": len(data.train) - too_long, "rows_too_long": too_long,
+            "eval_rows": len(data.eval),
             "data": _data_note(data.card), "steps": steps, "steps_per_epoch": per_epoch,
             "speed": plan.describe(), "recipe": spec.model_dump(mode="json")}
+
+
+def _sft_train_rows(tokenizer, examples: list, max_len: int, console: Console) -> tuple[list, int]:
+    """The tokenised training rows that have answer tokens within ``max_len``, and how many do not
+    (their answer starts after it: nothing to learn from)."""
+    from domaintune.train.causal import ensure_chat_template, tokenize_chat
+
+    ensure_chat_template(tokenizer)
+    rows = [tokenize_chat(tokenizer, e, max_len) for e in examples]
+    kept = [r for r in rows if any(label != -100 for label in r.labels)]
+    if not kept:
+        raise DataError("no training row has an answer within training.max_seq_length tokens",
+                        hint="raise training.max_seq_length")
+    if len(kept) < len(rows):
+        console.print(f"[yellow]{len(rows) - len(kept)} training rows dropped: their answer starts after "
+                      f"training.max_seq_length={max_len} tokens[/]")
+    return kept, len(rows) - len(kept)
 
 
 def quiet_libraries() -> None:
@@ -369,7 +397,7 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                 timings: dict[str, float], init_from: Path | None = None,
                 preference: PreferencePhase | None = None) -> tuple[RunResult, list[dict]]:
     from domaintune.evaluate.run_eval import score_causal, sft_max_new_tokens
-    from domaintune.train.causal import ensure_chat_template, pack_text, save_causal, tokenize_chat, train_causal
+    from domaintune.train.causal import pack_text, save_causal, tokenize_chat, train_causal
     from domaintune.train.speed import accelerated, place, placement, plan_speed
 
     clock = time.perf_counter()
@@ -393,23 +421,14 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
         data, canaries = with_canaries(data, spec.task, ev.canary_repeats, spec.training.seed)
 
     if spec.task == "sft":
-        ensure_chat_template(tokenizer)
-        train_rows = [tokenize_chat(tokenizer, e, max_len) for e in data.train]
-        dropped = sum(1 for r in train_rows if all(label == -100 for label in r.labels))
-        train_rows = [r for r in train_rows if any(label != -100 for label in r.labels)]
-        if dropped:
-            console.print(f"[yellow]{dropped} training rows dropped: their answer starts after "
-                          f"training.max_seq_length={max_len} tokens[/]")
-        if not train_rows:
-            raise DataError("no training row has an answer within training.max_seq_length tokens",
-                            hint="raise training.max_seq_length")
+        train_rows, too_long = _sft_train_rows(tokenizer, data.train, max_len, console)
         eval_rows = [tokenize_chat(tokenizer, e, max_len) for e in evaluation]
         references = [e.answer for e in evaluation]
         max_new = sft_max_new_tokens(spec, tokenizer, data.train)
     else:
         train_rows = pack_text(tokenizer, [e.text for e in data.train], max_len)
         eval_rows = pack_text(tokenizer, [e.text for e in evaluation], max_len)
-        max_new = 0
+        max_new, too_long = 0, 0
 
     def evaluate(name: str) -> tuple[dict, dict, list[str]]:
         return score_causal(model, tokenizer, spec, evaluation, max_new, console, name)
@@ -417,7 +436,8 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
     plan = plan_speed(spec.training.speed, getattr(model.config, "model_type", None), spec.method,
                       checkpointing=spec.training.activation_checkpointing, fsdp=sharded)
     model = place(model, plan, spec.method)  # base and tuned are evaluated where training runs
-    training = {"processes": distributed.world_size(), **plan.describe(), "evaluation": placement(model)}
+    training = {"processes": distributed.world_size(), **plan.describe(), "evaluation": placement(model),
+                "rows_too_long": too_long}
     base_metrics, base_scores, base_out = ({}, {}, []) if worker else evaluate("base")
     base_metrics["model"] = f"{spec.base_model} (no fine-tuning)"
     timings["base_eval_s"] = time.perf_counter() - clock
@@ -459,8 +479,9 @@ def _run_causal(spec: Recipe, base, data: PreparedData, run_dir: Path, console: 
                    for e, r, b, t, eb, et, rb, rt in zip(evaluation, references, base_out, tuned_out,
                                                          base_scores["exact_match"], tuned_scores["exact_match"],
                                                          base_scores["rouge_l"], tuned_scores["rouge_l"])]
-    result = RunResult(run_dir, spec.task, len(evaluation), len(clean_train), base_metrics, tuned_metrics, samples,
-                       training=training)
+    # train_rows counts the rows trained on: not those whose answer lay beyond max_seq_length
+    result = RunResult(run_dir, spec.task, len(evaluation), len(clean_train) - too_long, base_metrics, tuned_metrics,
+                       samples, training=training)
     compared = compare_generation(base_scores, tuned_scores)
     result.intervals, result.extra = compared.intervals, compared.extra
     clock = time.perf_counter()

@@ -7,7 +7,9 @@ into a run directory says exactly what was done.
 
 from __future__ import annotations
 
+import difflib
 import re
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,6 +329,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    # YAML reads `yes`/`no`/`on` as booleans, "Answer: yes" as a mapping and 2024-05-01 as a
+    # date; on a command line these are text unless written as YAML's own spelling of the type.
+    spelled = raw.strip()
+    if (isinstance(value, bool) and spelled.lower() not in ("true", "false")) \
+            or (isinstance(value, dict) and not spelled.startswith("{")) or isinstance(value, (date, datetime)):
+        value = spelled
     return key, value
 
 
@@ -360,24 +368,45 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise RecipeError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where) from None
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a mapping of keys (name, task, base_model, data, ...)", where=str(path))
-    raw = apply_overrides(raw, dict(overrides or {}))
+    return validate_recipe(apply_overrides(raw, dict(overrides or {})), overrides, path=path, text=text)
+
+
+def validate_recipe(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *, path: Path | None = None,
+                    text: str = "") -> Recipe:
+    """``raw`` as a ``Recipe``; each problem names where it was written: the line of the recipe
+    file ``path`` (whose ``text`` was read), or the ``--set`` that gave the key its value."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         lines = _key_lines(text)
         problems = []
         for err in exc.errors()[:5]:
-            key = ".".join(str(p) for p in err["loc"])
-            line = _nearest_line(lines, err["loc"])
-            where = f"{path}:{line}" if line else str(path)
+            loc = _key_loc(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            given = next((k for k in overrides or {} if key == k or key.startswith(k + ".")), None)
+            line = _nearest_line(lines, loc)
+            where = f"{path}:{line}" if path and line else str(path or "recipe")
+            if given:  # the key's value came from the command line, not from the file
+                where, key = (f"--set {given}", key) if key != given else ("--set", key)
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                allowed = _allowed_keys(err["loc"][:-1])
-                msg = f"unknown key; allowed here: {', '.join(allowed)}"
+                allowed = _allowed_keys(loc[:-1])
+                close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+                msg = (f"unknown key; did you mean {close[0]!r}? " if close else "unknown key; ") + \
+                    f"allowed here: {', '.join(allowed)}"
             elif err["type"] == "missing":
                 msg = "required key is missing"
             problems.append(f"{where}: {key}: {msg}")
         raise RecipeError("invalid recipe\n  " + "\n  ".join(problems)) from None
+
+
+def _key_loc(loc: tuple) -> tuple:
+    """An error's location without pydantic's names for the members of a union (``int``,
+    ``function-after[...]``), which are not recipe keys."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "literal"}
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from domaintune.errors import DomaintuneError
 
@@ -13,5 +14,6 @@ err = Console(stderr=True)
 
 def fail(exc: DomaintuneError, code: int = 2) -> None:
     """Print a user's error in a line or two (no traceback) and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # Messages quote the user's data (labels like "[refund]", roles like "[/INST]"): not markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domaintune.cli.common import err, fail, out
@@ -70,20 +71,20 @@ def _tokenizer(model: str, base_dir: Path):
     try:
         return catalog.load_tokenizer(catalog.resolve(model, base_dir=base_dir))
     except DomaintuneError as exc:
-        err.print(f"[yellow]no token counts: {exc.message}[/]")
+        err.print(f"[yellow]no token counts: {escape(exc.message)}[/]")
         return None
 
 
 def _print_card(card: dict) -> None:
-    out.print(f"[bold]{card.get('recipe') or card.get('file')}[/] ({card['task']})")
+    out.print(f"[bold]{escape(str(card.get('recipe') or card.get('file')))}[/] ({card['task']})")
     sources = Table(title="sources")
     for column in ("role", "file", "rows", "sha256"):
         sources.add_column(column)
     for s in card["sources"]:
-        sources.add_row(s["role"], Path(s["file"]).name, str(s["rows_in"]), s["sha256"][:16])
+        sources.add_row(s["role"], escape(Path(s["file"]).name), str(s["rows_in"]), s["sha256"][:16])
     out.print(sources)
     for name, columns in card["schema"].items():
-        out.print(f"columns of {name}: " + ", ".join(f"{k} ({v})" for k, v in columns.items()))
+        out.print(f"columns of {name}: " + ", ".join(f"{k} ({v})" for k, v in columns.items()), markup=False)
 
     from domaintune.data.card import STEP_TITLES
 
@@ -95,7 +96,7 @@ def _print_card(card: dict) -> None:
         steps.add_row(STEP_TITLES[step], str(counts["train"]), str(counts["eval"]))
     out.print(steps)
     for problem in card["problems"][:10]:
-        out.print(f"  {problem['where']}: {problem['reason']}", highlight=False)
+        out.print(f"  {problem['where']}: {problem['reason']}", highlight=False, markup=False)
 
     pii = Table(title=f"personal data found ({card['pii']['rows_with_pii']} rows)")
     pii.add_column("type")
@@ -118,7 +119,7 @@ def _print_card(card: dict) -> None:
         for column in ("label", "train", "eval"):
             labels.add_column(column)
         for label in sorted(set(card["labels"]["train"]) | set(card["labels"]["eval"])):
-            labels.add_row(label, str(card["labels"]["train"].get(label, 0)), str(card["labels"]["eval"].get(label, 0)))
+            labels.add_row(escape(label), str(card["labels"]["train"].get(label, 0)), str(card["labels"]["eval"].get(label, 0)))
         out.print(labels)
     dd = card["dedup"]
     out.print(f"duplicates dropped: {sum(card['dropped']['dedup'].values())} "

@@ -108,7 +108,9 @@ def _dry_run(recipe: Path, overrides: dict, gates: list[str] | None, as_json: bo
         kernels.append("rows of mixed lengths packed" if speed["pack_mixed_lengths"] else "rows of similar length padded")
     out.print(f"[bold]{plan['name']}[/]: {plan['task']} on {plan['base_model']} ({plan['method']}), base at "
               f"{plan['base_path']}", highlight=False)
-    out.print(f"data: {plan['train_rows']} training rows, {plan['eval_rows']} held out; {plan['data']}", highlight=False)
+    too_long = f" ({plan['rows_too_long']} more have no answer within max_seq_length)" if plan.get("rows_too_long") else ""
+    out.print(f"data: {plan['train_rows']} training rows{too_long}, {plan['eval_rows']} held out; {plan['data']}",
+              highlight=False)
     out.print(f"training: {plan['steps']} optimiser steps ({plan['steps_per_epoch']} per epoch), learning rate "
               f"{t['learning_rate']}, batch size {t['batch_size']}, max sequence length {t['max_seq_length']}",
               highlight=False)

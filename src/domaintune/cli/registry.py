@@ -261,7 +261,7 @@ def verify(
             mark = "[green]ok[/]" if not check.problems else f"[red]{len(check.problems)} problems[/]"
             out.print(f"{check.ref}: {mark}  ({check.run_dir})", highlight=False)
             for problem in check.problems:
-                out.print(f"  {problem}", highlight=False)
+                out.print(f"  {problem}", highlight=False, markup=False)
             if check.inputs_absent:
                 out.print(f"  not on this machine, not rehashed: {', '.join(check.inputs_absent)}", highlight=False)
         audit = report.audit

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domaintune.cli.common import err, fail, out
@@ -109,7 +110,7 @@ def _watch(name: str, directory: Path, *, min_rows: int, interval: float, once: 
                 elif poll.result is not None:
                     _print_result(poll.result)
                 elif poll.update is not None:
-                    err.print(f"[bold red]update failed:[/] {poll.update['error']}", highlight=False, soft_wrap=True)
+                    err.print(f"[bold red]update failed:[/] {escape(str(poll.update['error']))}", highlight=False, soft_wrap=True)
                 if once:
                     break
                 time.sleep(interval)

@@ -7,7 +7,7 @@ import tempfile
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from rich.console import Console
@@ -15,11 +15,13 @@ from rich.console import Console
 from domaintune.data.examples import SFT_SHAPES
 from domaintune.data.prepare import large_inputs, prepare
 from domaintune.data.readers import iter_rows
-from domaintune.errors import DataError
-from domaintune.recipe import Recipe, load_recipe
+from domaintune.data.steps import check_split
+from domaintune.errors import DataError, RecipeError
+from domaintune.recipe import Task, apply_overrides, load_recipe, validate_recipe
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 TOKEN_SAMPLE = 100_000  # rows of each side whose tokens are counted
+TASKS = get_args(Task)
 
 
 def guess_task(path: Path, label_field: str) -> str:
@@ -48,13 +50,15 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
     target = Path(target).resolve()
     if target.suffix.lower() in RECIPE_SUFFIXES:
         spec = load_recipe(target, {**(overrides or {}), "data.on_bad_rows": "skip"})
+        check_split(spec)
     else:
         task = task or guess_task(target, label_field)
-        spec = Recipe.model_validate({
-            "name": "inspect", "task": task, "base_model": "none",
-            "data": {"train": str(target), "text_field": text_field, "label_field": label_field, "on_bad_rows": "skip"},
-        })
-        spec = load_recipe_like(spec, overrides)
+        if task not in TASKS:
+            raise RecipeError(f"--task {task!r} is not a task", hint=f"use one of: {', '.join(TASKS)}")
+        raw = {"name": "inspect", "task": task, "base_model": "none",
+               "data": {"train": str(target), "text_field": text_field, "label_field": label_field,
+                        "on_bad_rows": "skip"}}
+        spec = validate_recipe(apply_overrides(raw, dict(overrides or {})), overrides)
     root = target.parent
     if streaming is None:
         streaming = large_inputs(spec, root)
@@ -63,12 +67,12 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
             spec = spec.model_copy(update={"data": spec.data.model_copy(update={"on_bad_rows": "quarantine"})})
             from domaintune.data.stream import as_sequences, prepare_streaming
 
-            card, _ = prepare_streaming(spec, root, Path(scratch), console, workers)
+            card, _ = prepare_streaming(spec, root, Path(scratch), console, workers, require_rows=False)
             card.pop("processed", None)  # files of the scratch folder
             train, evaluation, dropped = as_sequences(Path(scratch), card, spec.task, quarantine=True)
             sources = [root / spec.data.train, *([root / spec.data.eval] if spec.data.eval else [])]
         else:
-            prepared = prepare(spec, root, console)
+            prepared = prepare(spec, root, console, require_rows=False)
             card, train, evaluation, dropped = dict(prepared.card), prepared.train, prepared.eval, prepared.dropped
             sources = prepared.sources
         card["recipe" if target.suffix.lower() in RECIPE_SUFFIXES else "file"] = str(target)
@@ -80,15 +84,6 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
     if spec.task == "sft":
         card["sft_shapes"] = list(SFT_SHAPES)
     return card
-
-
-def load_recipe_like(spec: Recipe, overrides: dict[str, Any] | None) -> Recipe:
-    """Apply ``--set`` overrides to a recipe built in code (inspecting a bare file)."""
-    if not overrides:
-        return spec
-    from domaintune.recipe import apply_overrides
-
-    return Recipe.model_validate(apply_overrides(spec.model_dump(), dict(overrides)))
 
 
 def _schema(sources: list[Path]) -> dict[str, dict[str, str]]:

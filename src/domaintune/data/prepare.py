@@ -36,8 +36,9 @@ from domaintune.data.card import build_card, write_card
 from domaintune.data.dedup import deduplicate
 from domaintune.data.readers import iter_rows
 from domaintune.data.split import group_split, holdout_split, time_split
-from domaintune.data.steps import STEPS, Dropped, Example, RowSteps, as_fields, key_text, make_redactor, raise_bad_rows
-from domaintune.errors import DataError
+from domaintune.data.steps import STEPS, Dropped, Example, RowSteps, as_fields, check_split, key_text, make_redactor, \
+    raise_bad_rows
+from domaintune.errors import DataError, RecipeError
 from domaintune.recipe import Recipe
 
 __all__ = ["Dropped", "Example", "PreparedData", "STREAM_FROM_BYTES", "prepare", "prepare_recipe", "write_prepared"]
@@ -57,8 +58,10 @@ class PreparedData:
     sources: list[Path]
 
 
-def prepare(spec: Recipe, root: Path, console: Console | None = None) -> PreparedData:
-    """Run the data steps of ``spec`` (paths relative to ``root``) and return the examples."""
+def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require_rows: bool = True) -> PreparedData:
+    """Run the data steps of ``spec`` (paths relative to ``root``) and return the examples.
+    ``require_rows=False`` (inspecting) returns what is left even when training could not start
+    on it: no rows, or a single label."""
     console = console or Console(stderr=True, quiet=True)
     d = spec.data
     sources = {"train": root / d.train, **({"eval": root / d.eval} if d.eval else {})}
@@ -124,10 +127,10 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None) -> Prepare
             dropped.append(Dropped("eval" if "eval" in sources else "train", "labels", e.where,
                                    f"label {e.label!r} never occurs in training", as_fields(e)))
         evaluation = [e for e in evaluation if e.label in seen]
-        if len(seen) < 2:
+        if len(seen) < 2 and require_rows:
             raise DataError(f"classification needs at least two labels; training has {sorted(seen)}",
                             where=str(sources["train"]))
-    if not train or not evaluation:
+    if (not train or not evaluation) and require_rows:
         raise DataError(f"after the data steps {len(train)} training and {len(evaluation)} eval rows are left",
                         where=str(sources["train"]),
                         hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "
@@ -199,11 +202,14 @@ def prepare_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None, 
 
     recipe_path = Path(recipe).resolve()
     spec = load_recipe(recipe_path, overrides)
+    check_split(spec)
     root = recipe_path.parent
     if output_dir is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         output_dir = root / spec.output_dir / spec.name / f"data-{stamp}"
     directory = Path(output_dir)
+    if directory.exists() and not directory.is_dir():
+        raise RecipeError(f"the output directory {directory} is a file", hint="give --output-dir a folder, new or existing")
     quarantine = spec.data.on_bad_rows == "quarantine"
     if streaming is None:
         streaming = large_inputs(spec, root)

@@ -8,9 +8,11 @@ kept example or a ``Dropped`` record; it is plain data, so worker processes can 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from typing import Any, Callable
 
 from domaintune.data.clean import CleanConfig, clean_text
@@ -66,6 +68,16 @@ def split_field(spec: Recipe) -> str | None:
     return {"group": d.split.group_field, "time": d.split.time_field}.get(d.split.by) if not d.eval else None
 
 
+def check_split(spec: Recipe) -> None:
+    """Refuse a user's recipe whose split would be ignored: an eval file is the split. (An update
+    keeps its production's split settings with eval files of its own, so this is not a schema rule.)"""
+    d = spec.data
+    if d.eval and d.split.by != "random":
+        raise RecipeError(f"data.split.by: {d.split.by} has no effect when data.eval gives the eval file",
+                          hint="leave data.eval out to hold out rows by "
+                               f"{d.split.by}, or remove data.split.by (the eval file is the split)")
+
+
 class RowSteps:
     """Validate, clean and redact rows of one file (``role``: "train" or "eval") as ``spec`` says."""
 
@@ -116,9 +128,24 @@ class RowSteps:
             return RowOutcome(None, self._dropped("clean", example.where, "text is empty after cleaning", row))
         changed = cleaned != example
         found: list = []
+        cleaned = replace(cleaned, meta={k: json_value(v) for k, v in cleaned.meta.items()})
         if self.redactor is not None:
             cleaned = map_text(cleaned, lambda t: self._redact(t, found))
+            cleaned = replace(cleaned, meta=self._redact_meta(cleaned.meta, found))
         return RowOutcome(cleaned, changed=changed, pii=[f.type for f in found])
+
+    def _redact_meta(self, meta: dict[str, Any], found: list) -> dict[str, Any]:
+        """The row's other columns redacted too: they are written to the run directory with it
+        (processed data, predictions) and a customer's e-mail in a side column is still personal data.
+        A group column whose values are personal data becomes a digest of them, so the split still
+        keeps each group on one side."""
+        out = {}
+        for name, value in meta.items():
+            redacted = scrub(value, self.redactor, found)
+            if name == self._split_field and self.spec.data.split.by == "group" and redacted != value:
+                redacted = "group-" + hashlib.sha256(str(value).encode("utf-8")).hexdigest()[:16]
+            out[name] = redacted
+        return out
 
     def _redact(self, text: str, found: list) -> str:
         redacted, findings = self.redactor.redact(text)
@@ -130,14 +157,36 @@ class RowSteps:
         return Dropped(self.role, step, where, reason, fields)
 
 
-def scrub(value: Any, redactor: PiiRedactor) -> Any:
-    """``value`` (a row's fields) with personal data in every string redacted."""
+def scrub(value: Any, redactor: PiiRedactor, found: list | None = None) -> Any:
+    """``value`` (a row's fields) with personal data in every string redacted (what was found
+    is added to ``found``)."""
     if isinstance(value, str):
-        return redactor.redact(value)[0]
+        redacted, findings = redactor.redact(value)
+        if found is not None:
+            found += findings
+        return redacted
     if isinstance(value, dict):
-        return {k: scrub(v, redactor) for k, v in value.items()}
+        return {k: scrub(v, redactor, found) for k, v in value.items()}
     if isinstance(value, list):
-        return [scrub(v, redactor) for v in value]
+        return [scrub(v, redactor, found) for v in value]
+    return value
+
+
+def json_value(value: Any) -> Any:
+    """A column's value as JSON can hold it: Parquet gives dates, decimals and bytes, and the
+    row is written to data/*.jsonl and predictions.jsonl."""
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
     return value
 
 
@@ -175,8 +224,11 @@ def map_text(example: Example, fn: Callable[[str], str]) -> Example:
 
 
 def key_text(example: Example) -> str:
-    """What duplicates are judged on: the whole conversation for sft, the text otherwise."""
-    return "\n".join(texts(example))
+    """What duplicates are judged on: the conversation without its system messages for sft (a
+    long system prompt shared by every row would make them all near-duplicates), the text otherwise."""
+    if isinstance(example, ChatExample):
+        return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
+    return example.text
 
 
 def as_fields(example: Example) -> dict[str, Any]:

@@ -57,10 +57,11 @@ _BAD_ROWS_LISTED = 5
 
 
 def prepare_streaming(spec: Recipe, root: Path, directory: Path, console: Console | None = None,
-                      workers: int | None = None) -> tuple[dict[str, Any], list[Path]]:
+                      workers: int | None = None, *, require_rows: bool = True) -> tuple[dict[str, Any], list[Path]]:
     """Run the data steps of ``spec`` (paths relative to ``root``) and write the results to
     ``directory`` as ``write_prepared`` does. Returns the card and the processed files.
-    ``workers``: processes for the per-row steps (default: the CPUs this process may use)."""
+    ``workers``: processes for the per-row steps (default: the CPUs this process may use).
+    ``require_rows``: as for ``prepare``."""
     console = console or Console(stderr=True, quiet=True)
     workers = workers or len(os.sched_getaffinity(0))
     d = spec.data
@@ -77,7 +78,7 @@ def prepare_streaming(spec: Recipe, root: Path, directory: Path, console: Consol
                 if d.on_bad_rows == "error" and spool.bad_rows:
                     raise_bad_rows(spool.bad_rows, spool.dropped.total)
                 decisions = _deduplicate(spool, progress)
-            return _write(spool, decisions, sources, directory)
+            return _write(spool, decisions, sources, directory, require_rows)
         finally:
             spool.close()
 
@@ -304,7 +305,8 @@ def _deduplicate(spool: _Spool, progress: Progress) -> Decisions | None:
                            on_rows=lambda rows: progress.advance(task, rows))
 
 
-def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path) -> tuple[dict[str, Any], list[Path]]:
+def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path,
+           require_rows: bool) -> tuple[dict[str, Any], list[Path]]:
     spec, d = spool.spec, spool.spec.data
     n, n_train = len(spool.offsets), spool.kept_in["train"]
     kept = decisions.kept if decisions is not None else np.ones(n, dtype=bool)
@@ -327,12 +329,12 @@ def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: P
             raise DataError(f"{int(unseen.sum())} eval rows have labels that never occur in training: {places}",
                             hint="add training rows for those labels, remove them from the eval file, "
                                  "or set data.on_bad_rows: skip")
-        if len(seen) < 2:
+        if len(seen) < 2 and require_rows:
             names = {i: name for name, i in spool.label_names.items()}
             raise DataError(f"classification needs at least two labels; training has {sorted(names[i] for i in seen)}",
                             where=str(sources["train"]))
     train_rows, eval_rows = kept & ~is_eval, kept & is_eval & ~unseen
-    if not train_rows.any() or not eval_rows.any():
+    if (not train_rows.any() or not eval_rows.any()) and require_rows:
         raise DataError(f"after the data steps {int(train_rows.sum())} training and {int(eval_rows.sum())} eval rows "
                         "are left", where=str(sources["train"]),
                         hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "

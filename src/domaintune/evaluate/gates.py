@@ -225,6 +225,22 @@ def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def validate_gate(expr: str) -> None:
-    """Check a gate's syntax before a run spends time training; names are checked by ``check_gate``."""
-    _parse(expr.strip())
+# The metrics every run of a task has under base and tuned (tests/test_pipeline.py holds runs to
+# this); deeper names (per_label.<label>.f1) depend on the data and are checked by ``check_gate``.
+METRICS = {"classification": ("accuracy", "macro_f1", "ece", "per_label"),
+           "sft": ("exact_match", "rouge_l", "perplexity"),
+           "pretrain": ("perplexity",)}
+
+
+def validate_gate(expr: str, task: str | None = None) -> None:
+    """Check a gate before a run spends time training: its syntax, and with ``task`` the metric
+    each name reads; ``check_gate`` checks the rest against the metrics."""
+    expr = expr.strip()
+    body = _parse(expr)
+    if task is None:
+        return
+    known = METRICS[task]
+    for path in _names(body):
+        metric = path.split(".")[1]
+        if metric not in known:
+            raise _fail(f"no metric {metric!r} in {task} runs ({path!r}); available: {', '.join(known)}")

@@ -132,9 +132,12 @@ def _training_data(lineage: dict, data: dict | None) -> str:
     lines += [f"- `{Path(d['file']).name}` (sha256 `{d['sha256'][:16]}…`)" for d in lineage["data"]]
     if data:
         dropped = data["dropped"]
-        lines.append(f"- Of {data['rows_in']} rows read, {data['kept']['train']} trained on: "
+        too_long = lineage.get("training", {}).get("rows_too_long", 0)
+        lines.append(f"- Of {data['rows_in']} rows read, {data['kept']['train'] - too_long} trained on: "
                      f"{sum(dropped['validate'].values())} invalid, {sum(dropped['dedup'].values())} duplicates, "
-                     f"{sum(dropped['clean'].values())} empty after cleaning were dropped. See `data_card.md`.")
+                     f"{sum(dropped['clean'].values())} empty after cleaning were dropped"
+                     + (f", and {too_long} whose answer starts after training.max_seq_length tokens"
+                        if too_long else "") + ". See `data_card.md`.")
         pii = data["pii"]
         found = ", ".join(f"{n} {t}" for t, n in pii["found"].items()) or "none found"
         lines.append(f"- Personal data: {'redacted (' + pii['mode'] + '): ' + found if pii['redact'] else 'not redacted'}.")

@@ -33,7 +33,7 @@ from domaintune.data.examples import ChatExample
 from domaintune.data.prepare import PreparedData, prepare
 from domaintune.data.readers import Row, read_rows
 from domaintune.data.split import holdout_split
-from domaintune.data.steps import Example, RowSteps, make_redactor
+from domaintune.data.steps import Example, RowSteps, key_text, make_redactor
 from domaintune.errors import DataError
 from domaintune.recipe import Recipe, load_recipe
 from domaintune.update.feedback_rows import FeedbackRows
@@ -214,7 +214,7 @@ def _seen_before(prepared: PreparedData, line: list[Ancestor], spec: Recipe) -> 
     earlier = [_text(r) for part in ("train", "eval") for ancestor in line for r in _rows(ancestor, part)]
     fresh = [e for e in [*prepared.train, *prepared.eval] if _kind(e.meta["source"]) in ("new", "feedback")]
     d = spec.data.dedup
-    result = deduplicate(earlier, [_example_text(e) for e in fresh], exact=d.exact, near=d.near, threshold=d.threshold)
+    result = deduplicate(earlier, [key_text(e) for e in fresh], exact=d.exact, near=d.near, threshold=d.threshold)
     return {fresh[i].meta["origin"] for i in result.eval_leaks}
 
 
@@ -223,15 +223,10 @@ def _kind(source: str) -> str:
 
 
 def _text(row: dict[str, Any]) -> str:
+    """What a processed row is judged a duplicate on, as the data steps judge it (``key_text``)."""
     if "messages" in row:
-        return "\n".join(m["content"] for m in row["messages"])
+        return key_text(ChatExample(messages=row["messages"], where=""))
     return str(row["text"])
-
-
-def _example_text(example) -> str:
-    if isinstance(example, ChatExample):
-        return "\n".join(m["content"] for m in example.messages)
-    return example.text
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -139,7 +139,7 @@ def _gates(task: str, settings: UpdateConfig) -> dict[str, str]:
     earlier, new = default_gates(task, settings.tolerance)
     chosen = {"earlier": settings.gate or earlier, "new": settings.gate_new or new}
     for expr in chosen.values():
-        validate_gate(expr)  # a typo should fail before training, not after
+        validate_gate(expr, task)  # a typo should fail before training, not after
     return chosen
 
 
