@@ -109,3 +109,38 @@ def test_running_out_of_gpu_memory_in_evaluation_says_which_setting_to_lower(sft
                                             r"(.|\n)*fix: lower evaluate.batch_size"):
         run(sft_recipe, output_dir=tmp_path / "runs", register=False)
     assert not list((tmp_path / "runs").rglob("metrics.json"))  # no run directory is left half-made
+
+
+def test_gates_and_run_directories_are_checked_before_any_model_loads(classification_run, sft_recipe, tmp_path,
+                                                                       monkeypatch):
+    from domaintune.errors import DomaintuneError, RecipeError
+    from domaintune.evaluate import run_eval
+
+    sft_run = run(sft_recipe, overrides={"training.epochs": 1}, output_dir=tmp_path / "sft", register=False).run_dir
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run_eval, "load_run_model", no_load)
+    with pytest.raises(RecipeError, match="no metric 'acc' in classification runs"):
+        evaluate_run(classification_run, gates=["tuned.acc > 0.5"])
+    with pytest.raises(RecipeError, match="no metric 'accuracy' in sft runs"):
+        compare_runs([sft_run], gates=["tuned.accuracy > 0.5"])
+    with pytest.raises(DomaintuneError, match="is a sft run and .* a classification run"):
+        compare_runs([classification_run, sft_run])
+    with pytest.raises(DomaintuneError, match="not a finished run directory"):
+        compare_runs([classification_run, tmp_path])
+
+
+def test_another_file_s_errors_name_it_and_what_the_run_expects(classification_run, tmp_path):
+    train = [json.loads(line) for line in (classification_run / "data" / "train.jsonl").read_text().splitlines()]
+    seen = write_csv(tmp_path / "seen.csv", [{"text": r["text"], "label": r["label"], "channel": "chat"} for r in train[:6]])
+    with pytest.raises(DataError, match=r"no row of the file is left to evaluate on .*\(6 by leakage\)") as info:
+        evaluate_run(classification_run, seen)
+    assert info.value.where == str(seen)
+    wrong = write_csv(tmp_path / "wrong.csv", [{"body": "my invoice", "label": "billing"}])
+    with pytest.raises(DataError, match="no column 'text'") as info:
+        evaluate_run(classification_run, wrong)
+    assert "trained on the columns text, label" in info.value.hint and "data.text_field" not in info.value.hint
+    with pytest.raises(DataError, match="--data file does not exist"):
+        evaluate_run(classification_run, tmp_path / "missing.csv")

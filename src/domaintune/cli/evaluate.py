@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,12 +15,6 @@ from domaintune.errors import DomaintuneError
 
 GATE_HELP = ("A condition each evaluated run must meet, e.g. \"tuned.accuracy >= base.accuracy + 0.05\" "
              "(repeatable). Exit code 3 when one fails.")
-
-
-def _gates(exprs: list[str], metrics: dict) -> list[dict]:
-    from domaintune.evaluate.gates import check_gate
-
-    return [asdict(check_gate(expr, metrics)) for expr in exprs]
 
 
 def _table(title: str, task: str, runs: dict[str, dict]) -> Table:
@@ -63,8 +56,7 @@ def eval_(
 
     quiet_libraries()
     try:
-        metrics = evaluate_run(run_dir, data, console=Console(stderr=True, quiet=quiet or as_json))
-        metrics["gates"] = _gates(gate or [], metrics)
+        metrics = evaluate_run(run_dir, data, console=Console(stderr=True, quiet=quiet or as_json), gates=gate)
     except DomaintuneError as exc:
         fail(exc)
     if as_json:
@@ -97,9 +89,7 @@ def compare(
 
     quiet_libraries()
     try:
-        compared = compare_runs(run_dirs, data, console=Console(stderr=True, quiet=quiet or as_json))
-        for metrics in compared["runs"].values():
-            metrics["gates"] = _gates(gate or [], metrics)
+        compared = compare_runs(run_dirs, data, console=Console(stderr=True, quiet=quiet or as_json), gates=gate)
     except DomaintuneError as exc:
         fail(exc)
     passed = all(g["passed"] for m in compared["runs"].values() for g in m["gates"])

@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,9 +22,11 @@ from rich.console import Console
 
 from domaintune import catalog
 from domaintune.data.examples import ChatExample, TextExample
+from domaintune.data.steps import key_text
 from domaintune.errors import DataError, DomaintuneError, ResourceError
 from domaintune.evaluate import metrics as M
 from domaintune.evaluate.comparison import compare_classification, compare_generation
+from domaintune.evaluate.gates import check_gate, validate_gate
 from domaintune.evaluate.intervals import bootstrap_interval
 from domaintune.recipe import Recipe, load_recipe
 
@@ -78,10 +80,7 @@ def load_run_model(run_dir: str | Path) -> LoadedRun:
     """Load a finished run's tuned model (the adapter on its base, or the full model)."""
     run_dir = Path(run_dir).resolve()
     adapter = run_dir / "adapter"
-    if not (run_dir / "recipe.yaml").is_file() or not adapter.is_dir():
-        raise DomaintuneError(f"{run_dir} is not a finished run directory (no recipe.yaml or adapter/)",
-                              hint="pass the directory `domaintune run` printed at its end")
-    spec = load_recipe(run_dir / "recipe.yaml")
+    spec = _run_recipe(run_dir)
     base = run_base(run_dir, spec)
     tokenizer = catalog.load_tokenizer(catalog.BaseModel(name=spec.base_model, path=adapter))
     partial = LoadedRun(run_dir, spec, base, tokenizer, None, [])
@@ -128,10 +127,13 @@ def read_processed(path: Path, task: str) -> list[Example]:
 
 def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: Console) -> tuple[list[Example], dict]:
     """``data`` through the run's data steps, with the run's training rows as the training side so
-    that rows it trained on are dropped as leaks. Returns the examples and what was dropped."""
+    that rows it trained on are dropped as leaks. Returns the examples and what was dropped.
+    Errors name ``data`` and what the run expects of it, not the recipe keys a run would set."""
     from domaintune.data.prepare import prepare
 
     d = spec.data
+    if not Path(data).is_file():
+        raise DataError("the --data file does not exist", where=str(data), hint="check the path (relative to where you are)")
     names = {"text": d.text_field, "label": d.label_field}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.jsonl"
@@ -142,11 +144,26 @@ def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: C
                 fh.write(json.dumps({**e.meta, **fields}, ensure_ascii=False) + "\n")
         steps = spec.model_copy(update={"data": d.model_copy(update={"train": str(train_file),
                                                                      "eval": str(Path(data).resolve())})})
-        prepared = prepare(steps, Path(tmp), console)
+        try:
+            prepared = prepare(steps, Path(tmp), console, require_rows=False)
+        except DataError as exc:
+            if exc.message.startswith("no column"):
+                columns = [d.text_field, d.label_field] if spec.task == "classification" else \
+                    [d.text_field] if spec.task == "pretrain" else ["messages (or prompt/completion, or instruction/output)"]
+                raise DataError(exc.message, where=exc.where,
+                                hint=f"this run was trained on the columns {', '.join(columns)}: give --data a file "
+                                     "with them") from None
+            raise
     dropped: dict[str, int] = {}
     for item in prepared.dropped:
         if item.source == "eval":
             dropped[item.step] = dropped.get(item.step, 0) + 1
+    if not prepared.eval:
+        why = ", ".join(f"{n} by {step}" for step, n in dropped.items()) or "none was read"
+        raise DataError(f"no row of the file is left to evaluate on after the run's data steps ({why})",
+                        where=str(data),
+                        hint="rows dropped by leakage duplicate this run's training rows: evaluate on rows it "
+                             "never saw; `domaintune data inspect` shows why rows are dropped")
     return prepared.eval, {"file": str(data), "dropped": dropped}
 
 
@@ -259,13 +276,15 @@ def _evaluate_causal(run: LoadedRun, evaluation: list[Example], train: list[Exam
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, console: Console | None = None,
-                 include_base: bool = True) -> dict:
+                 include_base: bool = True, gates: list[str] | None = None) -> dict:
     """Base and tuned of a finished run on ``data`` (default: the run's own ``data/eval.jsonl``),
     run through the run's own data steps (validation, cleaning, PII as in its recipe.yaml, and
     rows it trained on dropped as leaks); returns a dict shaped like metrics.json:
-    ``{"task", "eval_rows", "base", "tuned", "intervals", "significance", ...}``. Without
-    ``include_base`` only the tuned model is evaluated (no ``base``, no significance)."""
+    ``{"task", "eval_rows", "base", "tuned", "intervals", "significance", ..., "gates"}``. Without
+    ``include_base`` only the tuned model is evaluated (no ``base``, no significance). ``gates``
+    are checked against the run's task before anything is loaded, and on the result after."""
     console = console or Console(stderr=True, quiet=True)
+    _check_gates(_run_recipe(Path(run_dir)), gates)
     with console.status(f"loading {Path(run_dir).name}"):
         run = load_run_model(run_dir)
     train = read_processed(run.run_dir / "data" / "train.jsonl", run.spec.task)
@@ -278,27 +297,47 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, console
         raise DataError("no evaluation rows are left after the run's data steps", where=str(data),
                         hint="see the dropped counts with `domaintune data inspect`")
     result = _evaluate(run, evaluation, train, include_base, console)
-    return {"run_dir": str(run.run_dir), "task": run.spec.task, "eval_rows": len(evaluation),
-            "train_rows": len(train), "data": source, **result}
+    metrics = {"run_dir": str(run.run_dir), "task": run.spec.task, "eval_rows": len(evaluation),
+               "train_rows": len(train), "data": source, **result}
+    return {**metrics, "gates": [asdict(check_gate(expr, metrics)) for expr in gates or []]}
 
 
-def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Console | None = None) -> dict:
+def _run_recipe(run_dir: Path) -> Recipe:
+    """A finished run's recipe, or the error that names what to pass instead."""
+    run_dir = run_dir.resolve()
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise DomaintuneError(f"{run_dir} is not a finished run directory (no recipe.yaml or adapter/)",
+                              hint="pass the directory `domaintune run` printed at its end")
+    return load_recipe(run_dir / "recipe.yaml")
+
+
+def _check_gates(spec: Recipe, gates: list[str] | None) -> None:
+    for expr in gates or []:  # a typo should fail now, not after minutes of evaluation
+        validate_gate(expr, spec.task)
+
+
+def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Console | None = None,
+                 gates: list[str] | None = None) -> dict:
     """The same evaluation rows through several runs of one task, each against its own base.
 
     The rows are ``data`` as processed by the first run's data steps, or (default) the first run's
     own held-out rows. ``leaked_rows`` counts, per run, rows that duplicate its training rows
-    (they stay in, so that every run is scored on the same rows). Returns ``{"task", "eval_rows",
-    "data", "runs": {run_dir: metrics}}``."""
+    (they stay in, so that every run is scored on the same rows). Every directory and ``gates``
+    are checked before any model is loaded. Returns ``{"task", "eval_rows", "data",
+    "runs": {run_dir: metrics}}``, each run's metrics with its ``gates``."""
     from domaintune.data.dedup import deduplicate
 
     if not run_dirs:
         raise DomaintuneError("name at least one run directory to compare")
     console = console or Console(stderr=True, quiet=True)
     first_dir = Path(run_dirs[0]).resolve()
-    first = load_recipe(first_dir / "recipe.yaml") if (first_dir / "recipe.yaml").is_file() else None
-    if first is None:
-        raise DomaintuneError(f"{first_dir} is not a finished run directory (no recipe.yaml)",
-                              hint="pass the directories `domaintune run` printed at their end")
+    first = _run_recipe(first_dir)
+    for run_dir in run_dirs[1:]:
+        task = _run_recipe(Path(run_dir)).task
+        if task != first.task:
+            raise DomaintuneError(f"{Path(run_dir).resolve()} is a {task} run and {first_dir} a {first.task} run",
+                                  hint="compare runs of one task")
+    _check_gates(first, gates)
     first_train = read_processed(first_dir / "data" / "train.jsonl", first.task)
     if data is None:
         evaluation, source = read_processed(first_dir / "data" / "eval.jsonl", first.task), {"file": str(first_dir / "data" / "eval.jsonl")}
@@ -309,20 +348,14 @@ def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Con
     for run_dir in run_dirs:
         with console.status(f"loading {Path(run_dir).name}"):
             run = load_run_model(run_dir)
-        if run.spec.task != first.task:
-            raise DomaintuneError(f"{run.run_dir} is a {run.spec.task} run and {first_dir} a {first.task} run",
-                                  hint="compare runs of one task")
         train = read_processed(run.run_dir / "data" / "train.jsonl", run.spec.task)
         d = run.spec.data.dedup
-        leaks = deduplicate([_key(e) for e in train], [_key(e) for e in evaluation], exact=True, near=d.near,
+        leaks = deduplicate([key_text(e) for e in train], [key_text(e) for e in evaluation], exact=True, near=d.near,
                             threshold=d.threshold).eval_leaks
-        runs[str(run.run_dir)] = {"task": run.spec.task, "eval_rows": len(evaluation), "train_rows": len(train),
-                                  "leaked_rows": len(leaks), **_evaluate(run, evaluation, train, True, console)}
+        metrics = {"task": run.spec.task, "eval_rows": len(evaluation), "train_rows": len(train),
+                   "leaked_rows": len(leaks), **_evaluate(run, evaluation, train, True, console)}
+        runs[str(run.run_dir)] = {**metrics, "gates": [asdict(check_gate(expr, metrics)) for expr in gates or []]}
         del run  # one run's weights in memory at a time
     return {"task": first.task, "eval_rows": len(evaluation), "data": source, "runs": runs}
 
 
-def _key(example: Example) -> str:
-    if isinstance(example, ChatExample):
-        return "\n".join(m["content"] for m in example.messages)
-    return example.text
