@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import secrets
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,11 @@ pytest_plugins = ["postgres"]  # the database_url fixture: SQLite and PostgreSQL
 
 def make_run(root: Path, name: str = "support-intents", *, tuned: float = 0.80,
              interval: tuple[float, float] | None = (0.70, 0.90), task: str = "classification",
-             gates: list[dict] | None = None, learning_rate: float = 2e-4) -> Path:
-    """A small run directory shaped like the one `domaintune run` writes, with a consistent lineage.json."""
+             gates: list[dict] | None = None, learning_rate: float = 2e-4,
+             difference: tuple[float, float] | None = None, eval_rows: str | None = None) -> Path:
+    """A small run directory shaped like the one `domaintune run` writes, with a consistent lineage.json;
+    ``difference``: the paired interval of tuned − base on the headline metric; ``eval_rows``: the
+    text of data/eval.jsonl (none written without it)."""
     run_id = secrets.token_hex(6)
     run_dir = root / name / run_id
     adapter = run_dir / "adapter"
@@ -33,6 +37,8 @@ def make_run(root: Path, name: str = "support-intents", *, tuned: float = 0.80,
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     (run_dir / "data").mkdir()
     (run_dir / "data" / "train.jsonl").write_text(json.dumps({"text": "refund please", "label": "billing"}) + "\n")
+    if eval_rows is not None:
+        (run_dir / "data" / "eval.jsonl").write_text(eval_rows)
     spec = Recipe.model_validate({"name": name, "task": task, "base_model": "minilm-l6", "data": {"train": "data/train.csv"},
                                   "training": {"learning_rate": learning_rate}})
     (run_dir / "recipe.yaml").write_text(dump_recipe(resolve_defaults(spec, 160)))
@@ -41,6 +47,8 @@ def make_run(root: Path, name: str = "support-intents", *, tuned: float = 0.80,
     metrics = {"task": task, "eval_rows": 40, "train_rows": 160, "base": {**others, metric: 0.5},
                "tuned": {**others, metric: tuned},
                "intervals": {metric: {"tuned": list(interval)}} if interval else {}}
+    if difference is not None:
+        metrics["intervals"].setdefault(metric, {})["difference"] = list(difference)
     if gates is not None:
         metrics["gates"] = gates
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -50,7 +58,8 @@ def make_run(root: Path, name: str = "support-intents", *, tuned: float = 0.80,
         "recipe": {"file": "recipe.yaml", "sha256": sha(run_dir / "recipe.yaml"),
                    "resolved_sha256": sha(run_dir / "recipe.yaml")},
         "data": [{"file": "data/train.csv", "sha256": "ab" * 32, "bytes": 100}],
-        "processed_data": [{"file": "data/train.jsonl", "sha256": sha(run_dir / "data" / "train.jsonl")}],
+        "processed_data": [{"file": p.relative_to(run_dir).as_posix(), "sha256": sha(p)}
+                           for p in sorted((run_dir / "data").iterdir())],
         "base_model": {"name": "minilm-l6", "path": "/models/minilm",
                        "files": [{"file": "model.safetensors", "sha256": "cd" * 32}]},
         "adapter": [{"file": p.relative_to(run_dir).as_posix(), "sha256": sha(p)} for p in sorted(adapter.iterdir())],
@@ -117,6 +126,12 @@ def test_unknown_names_versions_and_stages_raise_with_a_hint(registry, tmp_path)
         registry.promote("support-intents", 1, "live")
     with pytest.raises(RegistryError, match="no version production"):
         registry.get("support-intents", "production")
+    with pytest.raises(RegistryError, match="no model named 'nope'"):
+        registry.audit("nope")
+    with pytest.raises(RegistryError, match="no model named 'nope'"):
+        registry.require("nope")
+    assert registry.list("nope") == []  # a filter, as callers rely on
+    assert registry.audit("support-intents:7") == []  # a known model: no entries is an answer
 
 
 def test_parse_ref():
@@ -152,7 +167,10 @@ def test_promotion_moves_through_the_stages_with_one_production_version(registry
     card = (second.version.run_dir / "model_card.md").read_text()
     assert "`support-intents:2`, stage **production**" in card and "## Ethical considerations" in card
     assert "stage **staging**, promoted by ana" not in card
-    assert "stage **production**, promoted by ana" in (first.version.run_dir / "model_card.md").read_text()
+    replaced_card = (first.version.run_dir / "model_card.md").read_text()
+    assert "stage **production**" not in replaced_card  # it was archived when v2 replaced it
+    assert "`support-intents:1`, stage **archived**" in replaced_card
+    assert "(replaced in production by support-intents:2)" in replaced_card
 
 
 def test_a_failed_gate_is_refused_and_force_needs_a_justification(registry, tmp_path):
@@ -200,6 +218,82 @@ def test_the_regression_rule_on_each_task(task, candidate, interval, production,
     assert decision.allowed is allowed
     other_task = check_promotion("staging", "production", metrics, ("m:1", {"task": "other", "tuned": {}}))
     assert not other_task.allowed
+
+
+@pytest.mark.parametrize(("task", "difference", "allowed"), [
+    ("classification", (-0.20, -0.05), False),  # the tuned model is surely worse than its base
+    ("classification", (-0.10, 0.05), True),  # maybe worse, maybe not: not refused
+    ("classification", None, True),  # no paired interval recorded: not checked, and said so
+    ("pretrain", (0.5, 2.0), False),  # perplexity went up: worse
+    ("pretrain", (-2.0, -0.5), True),
+])
+def test_a_version_worse_than_its_base_is_refused(task, difference, allowed):
+    metric = headline_metric(task)
+    metrics = {"task": task, "tuned": {metric: 0.5}, "intervals": {metric: {"difference": list(difference)}}
+               if difference else {}}
+    for to in ("staging", "production"):
+        decision = check_promotion("staging", to, metrics, None)
+        assert decision.allowed is allowed
+        lines = decision.passed + decision.refusals
+        assert any("worse than its base model" in line if difference else "not compared with its base" in line
+                   for line in lines), lines
+
+
+def test_promoting_a_version_worse_than_its_base_is_refused_unless_forced(registry, tmp_path):
+    version = registry.register(make_run(tmp_path, difference=(-0.15, -0.02)))
+    with pytest.raises(PromotionRefused, match=r"worse than its base model: accuracy tuned − base 95% interval "
+                                               r"-0.1500 to -0.0200 lies entirely below 0"):
+        registry.promote(version.name, 1, "staging")
+    assert registry.get(version.name, 1).stage == "candidate"
+    forced = registry.promote(version.name, 1, "staging", force=True, reason="the base is the better fallback here")
+    assert forced.forced and registry.audit()[-1].details["forced_over"][0].startswith("worse than its base model")
+    with pytest.raises(PromotionRefused, match="worse than its base model"):
+        registry.promote(version.name, 1, "production")
+
+
+def test_the_regression_check_says_when_the_versions_were_scored_on_different_rows(registry, tmp_path):
+    rows = json.dumps({"text": "where is my parcel", "label": "shipping"}) + "\n"
+    other_rows = json.dumps({"text": "card declined", "label": "billing"}) + "\n"
+    runs = [make_run(tmp_path, tuned=tuned, eval_rows=text)
+            for tuned, text in ((0.80, rows), (0.84, rows), (0.86, other_rows), (0.88, None))]
+    for run in runs:
+        version = registry.register(run)
+        registry.promote(version.name, version.version, "staging")
+    registry.promote("support-intents", 1, "production")
+
+    same = registry.promote("support-intents", 2, "production").decision.passed
+    [line] = [line for line in same if line.startswith("no regression")]
+    assert "eval rows" not in line  # the same data/eval.jsonl: the numbers compare
+    different = registry.promote("support-intents", 3, "production").decision.passed
+    [line] = [line for line in different if line.startswith("no regression")]
+    assert line.endswith(f"(on different eval rows: compare them on the same rows with "
+                         f"`domaintune compare {runs[1].resolve()} {runs[2].resolve()}`)")
+    unknown = registry.promote("support-intents", 4, "production").decision.passed
+    assert any("the eval rows of one of them are not recorded, so they may differ" in line for line in unknown)
+
+
+def test_every_version_whose_stage_changes_gets_its_card_rewritten(registry, tmp_path):
+    def card(version: int) -> str:
+        return (registry.get("support-intents", version).run_dir / "model_card.md").read_text()
+
+    for tuned in (0.80, 0.70, 0.82):
+        version = registry.register(make_run(tmp_path, tuned=tuned))
+        registry.promote(version.name, version.version, "staging")
+    registry.promote("support-intents", 1, "production")
+    registry.promote("support-intents", 2, "production", force=True, reason="board approved", actor="lead")
+    assert "`support-intents:2`, stage **production**" in card(2)
+    assert "`support-intents:1`, stage **archived**" in card(1)
+    assert "(replaced in production by support-intents:2: board approved)" in card(1)
+
+    registry.rollback("support-intents", reason="complaints", actor="ops")
+    assert "`support-intents:2`, stage **archived**, promoted by ops" in card(2) and "rolled back: complaints" in card(2)
+    assert "`support-intents:1`, stage **production**, promoted by ops" in card(1)
+    assert "restored by a rollback: complaints" in card(1)
+
+    registry.promote("support-intents", 3, "production")
+    shutil.rmtree(registry.get("support-intents", 3).run_dir)  # a run directory cleaned up since
+    assert registry.rollback("support-intents", reason="v3 is gone").version == 1
+    assert "`support-intents:1`, stage **production**" in card(1)
 
 
 def test_rollback_restores_the_production_versions_in_reverse_order(registry, tmp_path):

@@ -106,6 +106,8 @@ def test_user_errors_exit_2_in_one_line(cli, tmp_path):
         (("promote", "support-intents", "--to", "staging"), "name a version"),
         (("register", str(tmp_path / "missing")), "no such run directory"),
         (("show", "support-intents:newest"), "bad version 'newest'"),
+        (("audit", "nope"), "no model named 'nope'"),
+        (("list", "nope"), "no model named 'nope'"),
     ]:
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
@@ -118,3 +120,30 @@ def test_user_errors_exit_2_in_one_line(cli, tmp_path):
 def test_a_bad_registry_url_is_a_user_error(tmp_path):
     result = runner.invoke(app, ["registry", "list", "--registry-url", "nonsense://"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_audit_and_show_say_when_a_promotion_was_forced_and_over_what(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per entry, so that the text can be matched
+    gates = [{"expr": "tuned.per_label[billing] >= 0.9", "passed": False}]  # brackets: not rich markup
+    cli("register", str(make_run(tmp_path, gates=gates)))
+    cli("promote", "support-intents:1", "--to", "staging", "--force", "--reason", "board approved")
+    forced = "promote candidate→staging FORCED over: gate `tuned.per_label[billing] >= 0.9` failed"
+    audit = cli("audit")
+    assert audit.exit_code == 0 and forced in audit.output and "board approved" in audit.output
+    shown = cli("show", "support-intents:1")
+    assert shown.exit_code == 0 and f"{forced} support-intents:1 — board approved" in shown.output
+    assert cli("audit", "support-intents").exit_code == 0
+
+
+def test_verify_names_rows_that_disagree_with_the_audit_log(cli, tmp_path, database_url):
+    from sqlalchemy import text
+
+    from domaintune.registry.store import Registry
+
+    cli("register", str(make_run(tmp_path)))
+    assert cli("verify").exit_code == 0
+    with Registry(database_url) as registry, registry.db.engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET stage = 'staging'"))  # behind the registry's back
+    result = cli("verify")
+    assert result.exit_code == 4 and "chain intact" in result.output
+    assert "stage staging in the database, but the audit log leaves it candidate (entry #1)" in " ".join(result.output.split())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from domaintune.cli.common import fail, out
@@ -86,6 +87,8 @@ def list_(
     """List registered versions with their stage and headline metric."""
     with _open(registry_url) as registry:
         versions = registry.list(name, stage)
+        if name is not None and not versions:
+            registry.require(name)
     if as_json:
         _print_json([_as_json(v) for v in versions])
         return
@@ -136,15 +139,20 @@ def show(
         out.print(f"data: {data['file']}  sha256 {data['sha256'][:16]}…")
     out.print(f"artifacts recorded: {len(version.artifacts)} files; code: domaintune {lineage.get('domaintune_version', '?')}")
     for entry in history:
-        out.print(f"  #{entry.seq} {entry.time[:19]} {entry.actor} {_action(entry)} {entry.target}"
-                  + (f" — {entry.reason}" if entry.reason else ""), highlight=False)
+        out.print(f"  #{entry.seq} {entry.time[:19]} {escape(entry.actor)} {_action(entry)} {escape(entry.target)}"
+                  + (f" — {escape(entry.reason)}" if entry.reason else ""), highlight=False)
 
 
 def _action(entry: AuditEntry) -> str:
-    """The action with the stage change it made, e.g. ``promote staging→production``."""
+    """The action with the stage change it made, e.g. ``promote staging→production``, and the
+    policy refusals it overrode, if any (rich markup)."""
+    action = entry.action
     if entry.action in ("promote", "rollback") and "to" in entry.details:
-        return f"{entry.action} {entry.details['from']}→{entry.details['to']}"
-    return entry.action
+        action += f" {entry.details['from']}→{entry.details['to']}"
+    # A forced promotion must stand out wherever the log is read, not only in --json.
+    if forced_over := entry.details.get("forced_over"):
+        action += " [bold red]FORCED[/] over: " + escape("; ".join(forced_over))
+    return action
 
 
 @registry_app.command()
@@ -174,9 +182,12 @@ def promote(
     """Move a version to another stage, if the promotion policy allows it.
 
     Production takes versions from staging; every gate recorded in metrics.json must have passed;
-    the headline metric must not regress against the current production version (refused when even
-    the favourable end of the candidate's 95% interval is worse than production's value). A refusal
-    exits with code 3 and says why; --force --reason '...' overrides it and records the justification.
+    the tuned model must not be worse than its base (refused when the paired 95% interval of tuned −
+    base on the headline metric lies entirely on the worse side of 0); the headline metric must not
+    regress against the current production version (refused when even the favourable end of the
+    candidate's 95% interval is worse than production's value; the line says when the two were
+    scored on different eval rows). A refusal exits with code 3 and says why; --force --reason '...'
+    overrides it and records the justification.
     """
     with _open(registry_url) as registry:
         name, version = _ref(ref, needs_version=True)
@@ -245,12 +256,15 @@ def verify(
     as_json: Json = False,
     registry_url: RegistryUrl = None,
 ) -> None:
-    """Check the recorded files' hashes and the audit chain (exit 4 on any mismatch).
+    """Check the recorded files' hashes, the registry's tables and the audit chain (exit 4 on any mismatch).
 
     Recomputes the sha256 of every file recorded at registration (recipe.yaml, metrics.json,
-    lineage.json, processed data, adapter/**), of the inputs lineage.json names (source data, base
-    weights) where they are on this machine, and walks the audit chain. Exits 0 when everything
-    matches, 4 when anything does not.
+    lineage.json, processed data, adapter/**) and compares it with the hash in the version's
+    register entry of the hash-chained audit log; checks the artifacts table, the stored recipe,
+    metrics and lineage against that entry, and each version's stage against the one the log's
+    promote and rollback entries leave it in; rehashes the inputs lineage.json names (source data,
+    base weights) where they are on this machine; and walks the audit chain. Exits 0 when
+    everything matches, 4 when anything does not.
     """
     with _open(registry_url) as registry:
         report = registry.verify(*(_ref(ref) if ref else (None, None)))
@@ -292,7 +306,8 @@ def audit(
     for column in ("seq", "time (UTC)", "actor", "action", "target", "reason"):
         table.add_column(column, overflow="fold")
     for e in entries:
-        table.add_row(str(e.seq), e.time[:19].replace("T", " "), e.actor, _action(e), e.target, e.reason or "")
+        table.add_row(str(e.seq), e.time[:19].replace("T", " "), escape(e.actor), _action(e), escape(e.target),
+                      escape(e.reason or ""))
     out.print(table)
     out.print(f"head: {chain.head_hash}", highlight=False)
     if not chain.ok:

@@ -106,6 +106,11 @@ def check_inputs(lineage: dict[str, Any]) -> tuple[list[str], list[str]]:
     return problems, absent
 
 
+def load_record(file: Path) -> dict[str, Any]:
+    """recipe.yaml, metrics.json or lineage.json parsed as registration parses it."""
+    return _load(file, yaml.safe_load if file.suffix == ".yaml" else json.loads)
+
+
 def _load(file: Path, parse) -> dict[str, Any]:
     try:
         value = parse(file.read_text(encoding="utf-8"))

@@ -18,11 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domaintune.registry import audit as audit_log
-from domaintune.registry.artifacts import check_artifacts, check_inputs, read_run_dir
+from domaintune.registry import history
+from domaintune.registry.artifacts import RECORDS, check_inputs, read_run_dir
 from domaintune.registry.database import Database
 from domaintune.registry.diff import Change, diff_records
 from domaintune.registry.errors import PromotionRefused, RegistryError
-from domaintune.registry.policy import Decision, check_promotion, headline_metric
+from domaintune.registry.policy import Decision, EvalRows, check_promotion, eval_rows_sha256, headline_metric
 from domaintune.registry.schema import STAGES, ArtifactRow, RegisteredModel, VersionRow
 
 TARGET_STAGES = ("staging", "production", "archived")
@@ -147,6 +148,12 @@ class Registry:
         with self.db.reading() as session:
             return [ModelVersion.from_row(row) for row in session.scalars(query)]
 
+    def require(self, name: str) -> None:
+        """Raise the registry's error for a model name that was never registered."""
+        with self.db.reading() as session:
+            if session.get(RegisteredModel, name) is None:
+                raise _unknown(name)
+
     def get(self, name: str, version: int | str | None = None) -> ModelVersion:
         """A version by number, the newest one in a stage (``"production"``, ``"staging"``, ...),
         or the newest of all when ``version`` is None."""
@@ -165,13 +172,17 @@ class Registry:
         return diff_records(record(a), record(b))
 
     def audit(self, name: str | None = None) -> list[audit_log.AuditEntry]:
-        """The audit log, oldest first; with ``name``, only the entries about that model."""
+        """The audit log, oldest first; with ``name`` (or ``name:version``), only the entries about
+        that model (or version). An unknown model name raises, as everywhere else."""
         query = select(audit_log.AuditRow).order_by(audit_log.AuditRow.seq)
         if name is not None:
             target = audit_log.AuditRow.target
             query = query.where((target == name) | target.startswith(f"{name}:", autoescape=True))
         with self.db.reading() as session:
-            return [audit_log.AuditEntry.from_row(row) for row in session.scalars(query)]
+            entries = [audit_log.AuditEntry.from_row(row) for row in session.scalars(query)]
+        if name is not None and not entries:
+            self.require(name.partition(":")[0])
+        return entries
 
     def verify_audit(self) -> audit_log.AuditReport:
         """Walk the audit chain; see ``domaintune.registry.audit`` for what is detected."""
@@ -179,20 +190,38 @@ class Registry:
             return audit_log.verify_chain(session)
 
     def verify(self, name: str | None = None, version: int | str | None = None) -> VerifyReport:
-        """Recompute the sha256 of every recorded file of the chosen versions (all by default),
-        of their inputs (source data, base weights) where those are on this machine, and check
-        the audit chain."""
-        if version is not None:
-            chosen = [self.get(name, version)]
-        else:
-            chosen = self.list(name)
-            if name is not None and not chosen:
-                raise _unknown(name)
+        """Check the chosen versions (all by default) against the audit chain and check the chain.
+
+        For each version: the sha256 of every file recorded at registration, against the register
+        entry's hashes; the artifacts table, recipe, metrics and lineage against that entry; the
+        stage against the one the chain's promote/rollback entries leave it in (see
+        ``domaintune.registry.history``); and the inputs (source data, base weights) where those
+        are on this machine. Checking all versions also finds versions the chain registered that
+        are gone from the database without a delete entry."""
+        with self.db.reading() as session:  # one read transaction: the tables and the chain as of one moment
+            if version is not None:
+                rows = [_find(session, name, version)]
+            else:
+                query = select(VersionRow).order_by(VersionRow.name, VersionRow.version)
+                rows = list(session.scalars(query if name is None else query.where(VersionRow.name == name)))
+                if name is not None and not rows and session.get(RegisteredModel, name) is None:
+                    raise _unknown(name)
+            chosen = [(ModelVersion.from_row(row), row.production_seq) for row in rows]
+            entries = session.scalars(select(audit_log.AuditRow).order_by(audit_log.AuditRow.seq))
+            recorded = history.replay(audit_log.AuditEntry.from_row(row) for row in entries)
+            chain = audit_log.verify_chain(session)
         checks = []
-        for v in chosen:
+        for v, production_seq in chosen:
             input_problems, absent = check_inputs(v.lineage)
-            checks.append(ArtifactCheck(v.ref, v.run_dir, check_artifacts(v.run_dir, v.artifacts) + input_problems, absent))
-        return VerifyReport(checks, self.verify_audit())
+            problems = history.check_version(v, production_seq, recorded.get(v.ref))
+            checks.append(ArtifactCheck(v.ref, v.run_dir, problems + input_problems, absent))
+        if version is None:
+            present = {v.ref for v, _ in chosen}
+            for ref, r in recorded.items():
+                if ref not in present and (name is None or ref.rpartition(":")[0] == name):
+                    problem = f"missing from the database: register entry #{r.register_seq} registered it and no entry deleted it"
+                    checks.append(ArtifactCheck(ref, Path(r.run_dir or "?"), [problem]))
+        return VerifyReport(checks, chain)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -217,7 +246,9 @@ class Registry:
             session.flush()
             audit_log.append(session, actor=row.registered_by, action="register", target=f"{row.name}:{row.version}",
                              reason=None, details={"run_dir": row.run_dir, "run_id": row.run_id,
-                                                   "artifacts": {a.path: a.sha256 for a in run.artifacts}})
+                                                   "artifacts": {a.path: a.sha256 for a in run.artifacts},
+                                                   "records_sha256": history.record_hashes(run.recipe, run.metrics,
+                                                                                           run.lineage)})
             registered = ModelVersion.from_row(row)
         return registered
 
@@ -242,7 +273,9 @@ class Registry:
                 raise RegistryError(f"{ref} is in production", hint=f"promote another version, or `rollback {row.name}`")
             current = _production(session, row.name) if to == "production" else None
             decision = Decision() if to == "archived" else check_promotion(
-                row.stage, to, row.metrics, (f"{current.name}:{current.version}", current.metrics) if current else None)
+                row.stage, to, row.metrics, (f"{current.name}:{current.version}", current.metrics) if current else None,
+                EvalRows(eval_rows_sha256(row.lineage), eval_rows_sha256(current.lineage), row.run_dir, current.run_dir)
+                if current else None)
             actor = actor or current_actor()
             if not decision.allowed and not force:
                 # The refusal is recorded too: the transaction commits, then the caller hears why.
@@ -269,6 +302,9 @@ class Registry:
         if refused is not None:
             raise refused
         _rewrite_card(promoted, promotion)
+        if replaced is not None:
+            _rewrite_card(replaced, {**promotion, "reason": f"replaced in production by {ref}"
+                                     + (f": {reason}" if reason else "")})
         return Promotion(promoted, decision, bool(decision.refusals), replaced)
 
     def rollback(self, name: str, *, actor: str | None = None, reason: str) -> ModelVersion:
@@ -289,9 +325,15 @@ class Registry:
                 current.stage, current.production_seq = "archived", None
                 session.flush()
             previous.stage = "production"
-            audit_log.append(session, actor=actor or current_actor(), action="rollback", target=name, reason=reason,
-                             details={"from": current.version if current else None, "to": previous.version})
+            entry = audit_log.append(session, actor=actor or current_actor(), action="rollback", target=name,
+                                     reason=reason, details={"from": current.version if current else None,
+                                                             "to": previous.version})
             restored = ModelVersion.from_row(previous)
+            archived = ModelVersion.from_row(current) if current is not None else None
+            change = {"actor": entry.actor, "time": entry.time}
+        _rewrite_card(restored, {**change, "reason": f"restored by a rollback: {reason}"})
+        if archived is not None:
+            _rewrite_card(archived, {**change, "reason": f"rolled back: {reason}"})
         return restored
 
     def delete(self, name: str, version: int | str, *, actor: str | None = None, reason: str) -> ModelVersion:
@@ -321,14 +363,16 @@ class Registry:
         return entry
 
 
-def _rewrite_card(version: ModelVersion, promotion: dict[str, Any]) -> None:
-    """The model card says which stage the version is in and who put it there. It is not among the
-    hashed artifacts, so rewriting it does not trip ``verify``."""
+def _rewrite_card(version: ModelVersion, change: dict[str, Any]) -> None:
+    """The model card says which stage the version is in and who put it there (``change``: actor,
+    time, reason), so every version whose stage changes gets it rewritten. It is not among the
+    hashed artifacts, so rewriting it does not trip ``verify``. A run directory that is gone
+    (moved, cleaned up) has no card to keep current: the stage change stands without it."""
     from domaintune.registry.model_card import write_model_card
 
-    if (version.run_dir / "recipe.yaml").is_file():
+    if all((version.run_dir / name).is_file() for name in RECORDS):
         write_model_card(version.run_dir, {"name": version.name, "version": version.version, "stage": version.stage,
-                                           **promotion})
+                                           **change})
 
 
 def register_run(run_dir: str | Path, registry_url: str | None = None) -> ModelVersion:
