@@ -90,3 +90,74 @@ def test_export_refuses_a_non_run_and_a_non_empty_target(tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(DomaintuneError, match="not empty"):
         export_merged(tmp_path, tmp_path / "merged")
+
+
+SYSTEM = 'You name colours.\nAnswer "blue", \'red\' or {{ other }} %} only.'
+
+
+@pytest.fixture(scope="module")
+def system_prompt_run(tmp_path_factory, tiny_llama):
+    """An sft run whose recipe gives every training row a system prompt."""
+    from conftest import colour_rows, write_jsonl, write_recipe
+
+    root = tmp_path_factory.mktemp("system-prompt-run")
+    write_jsonl(root / "data" / "colours.jsonl", colour_rows())
+    recipe = write_recipe(root / "recipe.yaml", {
+        "name": "tiny-colours", "task": "sft", "base_model": str(tiny_llama), "method": "lora",
+        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"exact": False, "near": False},
+                 "system_prompt": SYSTEM},
+        "training": {"epochs": 1, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
+        "evaluate": {"max_new_tokens": 4, "forgetting": False, "bias_probes": False, "explain_rows": 0},
+    })
+    return run(recipe, output_dir=root / "runs", register=False).run_dir
+
+
+def test_the_merged_chat_template_defaults_to_the_recipes_system_prompt(system_prompt_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = export_merged(system_prompt_run, tmp_path / "merged")
+    exported, trained = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(system_prompt_run / "adapter")
+    user = [{"role": "user", "content": "what is the colour of sky ?"}]
+    for generation_prompt in (True, False):
+        assert (exported.apply_chat_template(user, tokenize=False, add_generation_prompt=generation_prompt)
+                == trained.apply_chat_template([{"role": "system", "content": SYSTEM}, *user], tokenize=False,
+                                               add_generation_prompt=generation_prompt))
+    other = [{"role": "system", "content": "You are terse."}, *user]  # an explicit system message is kept
+    assert (exported.apply_chat_template(other, tokenize=False, add_generation_prompt=True)
+            == trained.apply_chat_template(other, tokenize=False, add_generation_prompt=True))
+
+
+@pytest.mark.slow
+def test_smollm2s_template_takes_the_system_prompt_in_place_of_its_own_default():
+    from domaintune.train.export import with_default_system_prompt
+
+    tokenizer = catalog.load_tokenizer(catalog.resolve("smollm2-135m-instruct"))
+    user = [{"role": "user", "content": "Chest pain, 54 years old."}]
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, *user], tokenize=False,
+                                             add_generation_prompt=True)
+    assert "SmolLM" in tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, SYSTEM)
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == expected
+
+
+def test_bad_export_targets_are_refused_before_any_merge(system_prompt_run, tmp_path, monkeypatch):
+    import domaintune.train.export as export_module
+
+    monkeypatch.setattr(export_module, "export_merged",
+                        lambda *a, **k: pytest.fail("the targets must be checked before the merge"))
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    cases = [
+        (["--merged", str(a_file)], "is a file"),
+        (["--merged", str(a_file / "sub")], "is a file"),
+        (["--gguf", str(tmp_path / "no-such-dir" / "x.gguf")], "does not exist"),
+        (["--gguf", str(tmp_path / "x.gguf"), "--gguf-type", "q4_0"], "unknown GGUF type"),
+        # a good --merged is not written when the --gguf that follows cannot be
+        (["--merged", str(tmp_path / "merged"), "--gguf", str(tmp_path / "x.gguf"), "--gguf-type", "q4_0"],
+         "unknown GGUF type"),
+    ]
+    for args, message in cases:
+        invoked = CliRunner().invoke(_cli(), ["export", str(system_prompt_run), *args])
+        assert invoked.exit_code == 2, (args, invoked.output, invoked.exception)
+        assert message in invoked.output and "fix:" in invoked.output
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "x.gguf").exists()

@@ -85,6 +85,20 @@ def test_models_gguf_cannot_hold_are_refused_before_writing(tiny_llama, tmp_path
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_a_gguf_target_that_cannot_be_written_is_refused_before_the_merge(tmp_path, monkeypatch):
+    import domaintune.train.export as export_module
+    from domaintune.errors import DomaintuneError
+    from domaintune.train.export import export_gguf
+
+    monkeypatch.setattr(export_module, "export_merged", lambda *a, **k: pytest.fail("merged before checking"))
+    with pytest.raises(DomaintuneError, match="does not exist") as missing:
+        export_gguf(tmp_path, tmp_path / "no-such-dir" / "x.gguf")
+    assert "mkdir" in str(missing.value.hint)
+    with pytest.raises(ModelError, match="unknown GGUF type 'q4_0'"):
+        export_gguf(tmp_path, tmp_path / "x.gguf", "q4_0")
+    assert not list(tmp_path.iterdir())
+
+
 def _cli() -> typer.Typer:
     app = typer.Typer()
     app.command()(export)
@@ -95,7 +109,9 @@ def _cli() -> typer.Typer:
 def test_export_gguf_of_a_run_equals_its_merged_export(sft_recipe, bpe_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = run(sft_recipe, overrides={"base_model": str(bpe_llama), "training.epochs": 1},
+    system = 'You name colours. Say "blue",\nnot \'sky\'.'
+    result = run(sft_recipe, overrides={"base_model": str(bpe_llama), "training.epochs": 1,
+                                        "data.system_prompt": system, "training.max_seq_length": 192},
                  output_dir=tmp_path / "runs", register=False)
     gguf_file = tmp_path / "out" / "tuned.gguf"
     gguf_file.parent.mkdir()
@@ -109,6 +125,12 @@ def test_export_gguf_of_a_run_equals_its_merged_export(sft_recipe, bpe_llama, tm
     torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-4)
     base = _logits(AutoModelForCausalLM.from_pretrained(bpe_llama), ids)
     assert not torch.allclose(base, loaded, atol=1e-3)  # the adapter is in the file, not just the base
+    # llama.cpp users who send only a user message get the system prompt every training row had
+    user = [{"role": "user", "content": "what is the colour of the sky ?"}]
+    trained = AutoTokenizer.from_pretrained(result.run_dir / "adapter").apply_chat_template(
+        [{"role": "system", "content": system}, *user], tokenize=False, add_generation_prompt=True)
+    from_gguf = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert from_gguf.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == trained
 
     again = CliRunner().invoke(_cli(), ["export", str(result.run_dir), "--gguf", str(gguf_file)])
     assert again.exit_code == 2 and "exists" in again.output

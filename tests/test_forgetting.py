@@ -65,3 +65,61 @@ def test_forgetting_can_be_switched_off(pretrain_recipe, tmp_path):
                  overrides={"evaluate.forgetting": False, "evaluate.explain_rows": 0})
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert "forgetting" not in metrics and "explanations" not in metrics
+
+
+SENTENCE = "The largest planet in our solar system is Jupiter."
+
+
+def _chain_model():
+    """A Llama whose next token depends only on the current one, so that after any prompt ending
+    in a newline (every chat prompt's generation prompt) it says SENTENCE, a newline, and SENTENCE
+    again, for ever: a chatty model answering in a sentence of more than 8 tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import CHATML
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([SENTENCE + "\n" + SENTENCE] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    chain = tokenizer("\n" + SENTENCE + "\n", add_special_tokens=False)["input_ids"]
+    assert len(set(chain[1:])) == len(chain) - 1 > 8 and chain[0] == chain[-1]  # one token per word, newline ends it
+
+    vocab, hidden = len(tokenizer), (len(tokenizer) + 7) // 8 * 8
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    following = dict.fromkeys(range(vocab), tokenizer.eos_token_id) | dict(zip(chain, chain[1:]))
+    with torch.no_grad():
+        for layer in model.model.layers:  # the layers add nothing: each position sees its own token only
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[torch.arange(vocab), torch.arange(vocab)] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[torch.tensor(list(following.values())), torch.tensor(list(following))] = 1.0
+    return model, tokenizer
+
+
+def test_a_sentence_answer_is_read_to_its_end_and_generation_stops_with_its_line():
+    from domaintune.evaluate.forgetting import general_ability
+
+    model, tokenizer = _chain_model()
+    questions = general_questions()[:4]
+    assert questions[3]["answers"] == ["Jupiter"]
+    steps = []
+    model.register_forward_hook(lambda *_: steps.append(1))
+    result = general_ability(model, tokenizer, items=4)
+    assert result["outputs"][3] == SENTENCE  # not cut off at "... solar system is"
+    assert result["correct"] == [False, False, False, True]
+    generated = len(steps) - 1  # one forward pass scores the general texts
+    assert generated == len(tokenizer(SENTENCE + "\n", add_special_tokens=False)["input_ids"])

@@ -22,15 +22,22 @@ def export(
 
     With --merged as safetensors, tokenizer and chat template, loadable by plain transformers
     (AutoModelForCausalLM; for classifiers the encoder as AutoModel, plus head.safetensors and
-    classifier.json); with --gguf as one GGUF file with the tokenizer and chat template.
+    classifier.json); with --gguf as one GGUF file with the tokenizer and chat template. When the
+    recipe has data.system_prompt, the chat template puts it first in conversations that have no
+    system message, as every training row had it.
     """
     from domaintune.pipeline import quiet_libraries
-    from domaintune.train.export import export_gguf, export_merged
+    from domaintune.train.export import check_gguf_target, check_merged_target, export_gguf, export_merged
 
     if merged is None and gguf is None:
         fail(DomaintuneError("nothing to write", hint="pass --merged FOLDER and/or --gguf FILE.gguf"))
     quiet_libraries()
     try:
+        # both targets checked before either export starts: a bad --gguf should not cost a merge first
+        if merged is not None:
+            check_merged_target(merged)
+        if gguf is not None:
+            check_gguf_target(gguf, gguf_type)
         if merged is not None:
             out.print(str(export_merged(run_dir, merged)))
         if gguf is not None:

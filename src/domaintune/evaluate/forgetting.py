@@ -14,6 +14,10 @@ from domaintune.evaluate.metrics import normalize_answer
 
 QUESTION_SUFFIX = " Answer in one or two words."
 CHANGED_KEPT = 10  # questions whose verdict changed, kept for the report
+# Room for a sentence: chatty models answer "The largest planet in our solar system is Jupiter.",
+# and 8 tokens cut that off before the answer. Each answer ends at EOS or with its first line
+# (all answer_correct reads), so a batch stops once every answer in it has its line.
+ANSWER_TOKENS = 32
 
 
 @lru_cache(maxsize=1)
@@ -46,8 +50,21 @@ def _question_prompt(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _first_line_done(tokenizer, width: int):
+    """A stopping criterion that ends each row once its answer has a complete first line."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class FirstLineDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return FirstLineDone()
+
+
 def general_ability(model, tokenizer, *, items: int = 40, batch_size: int = 16, max_length: int = 256,
-                    max_new_tokens: int = 8, console=None) -> dict[str, Any]:
+                    max_new_tokens: int = ANSWER_TOKENS, console=None) -> dict[str, Any]:
     """Perplexity on the first ``items`` general texts (each paragraph on its own, truncated to
     ``max_length`` tokens) and the share of the first ``items`` general questions answered
     correctly (greedy)."""
@@ -61,7 +78,8 @@ def general_ability(model, tokenizer, *, items: int = 40, batch_size: int = 16, 
     ppl, _ = perplexity(model, tokenizer, rows, batch_size)
     questions = general_questions()[:items]
     outputs = generate(model, tokenizer, [_question_prompt(tokenizer, q["question"]) for q in questions],
-                       max_new_tokens, batch_size, console, "general questions")
+                       max_new_tokens, batch_size, console, "general questions",
+                       stop_when=lambda width: _first_line_done(tokenizer, width))
     correct = [answer_correct(o, q["answers"]) for o, q in zip(outputs, questions)]
     return {"perplexity": float(ppl), "qa_accuracy": sum(correct) / len(correct), "outputs": outputs,
             "correct": correct}

@@ -1,8 +1,8 @@
 """model_card.md, in the sections of "Model Cards for Model Reporting" (Mitchell et al., 2019).
 
 Written from the files of a run directory alone (recipe.yaml, metrics.json, lineage.json,
-data_card.json), so the run writes it and the registry rewrites it, with the version's stage and
-who promoted it, whenever a version is promoted.
+data_card.json, train_log.jsonl), so the run writes it and the registry rewrites it, with the
+version's stage and who promoted it, whenever a version is promoted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ INTENDED = {
     "sft": "Answers prompts of the kind seen in training, in the format of the training answers.",
     "pretrain": "A base for further fine-tuning on text from the training domain; not an assistant on its own.",
 }
+TESTS = {"exact": "McNemar's exact test", "chi2": "McNemar's chi-square test", "paired bootstrap": "paired bootstrap"}
 METHODS = {
     "lora": "LoRA",
     "dora": "DoRA, weight-decomposed LoRA",
@@ -41,11 +42,11 @@ def write_model_card(run_dir: Path, registry: dict[str, Any] | None = None) -> P
     data = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else None
     sections = [
         f"# {recipe['name']}",
-        _details(recipe, metrics, lineage, registry),
+        _details(recipe, metrics, lineage, registry, _train_log(run_dir / "train_log.jsonl")),
         _intended_use(recipe),
         _factors(metrics),
         _metrics(recipe, metrics, lineage),
-        _evaluation_data(metrics, data),
+        _evaluation_data(recipe, metrics, data, run_dir),
         _training_data(lineage, data),
         _quantitative(recipe, metrics),
         _ethics(metrics, data),
@@ -56,13 +57,69 @@ def write_model_card(run_dir: Path, registry: dict[str, Any] | None = None) -> P
     return path
 
 
-def _details(recipe: dict, metrics: dict, lineage: dict, registry: dict | None) -> str:
+def _train_log(path: Path) -> list[dict]:
+    """The run's per-step records; none for a run directory written without one."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash says nothing the records before it do not
+    return [r for r in records if isinstance(r, dict) and "step" in r]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _epochs(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _training_done(t: dict, log: list[dict]) -> str:
+    """What training did, from its log: the recipe's epochs are a plan that training.max_steps,
+    training.max_minutes and early stopping can each cut short."""
+    planned = t.get("epochs")
+    planned_text = f"{_epochs(planned)} epoch{'s' if planned != 1 else ''}" if planned else "epochs"
+    if not log:
+        return f"{planned_text} planned (the run has no train_log.jsonl to say how many were completed)"
+    last = log[-1]
+    steps, done = int(last["step"]), float(last.get("epoch", 0.0))
+    max_steps, max_minutes, patience = t.get("max_steps"), t.get("max_minutes"), t.get("early_stopping_patience")
+    done_text = f"{_epochs(done)} epoch{'s' if _epochs(done) != '1' else ''}"
+    steps_text = f"{steps} optimiser step{'s' if steps != 1 else ''}"
+    # train_log.jsonl rounds epochs to 4 decimals
+    completed = steps >= max_steps if max_steps else planned is None or done >= planned - 5e-5
+    if completed:
+        if max_steps and planned and done < planned - 5e-5:
+            return (f"{steps_text} ({_epochs(done)} of the {planned_text} planned; "
+                    f"stopped by training.max_steps={max_steps})")
+        if max_steps and planned and done > planned + 5e-5:
+            return f"{steps_text} ({done_text}: training.max_steps={max_steps} replaced the {planned_text} planned)"
+        return f"{done_text} ({steps_text})"
+    of_plan = (f"{done_text}, of the {max_steps} steps training.max_steps planned" if max_steps
+               else f"{_epochs(done)} of the {planned_text} planned")
+    evals = [r["eval_loss"] for r in log if r.get("eval_loss") is not None]
+    if max_minutes and float(last.get("elapsed_s", 0.0)) >= 60 * max_minutes:
+        why = f"stopped by training.max_minutes={max_minutes}"
+    elif (patience and len(evals) > patience and "eval_loss" in last
+          and min(evals[-patience:]) >= min(evals[:-patience])):
+        why = (f"stopped early: the held-out loss did not improve for {patience} evaluations, and the weights of "
+               f"the best evaluation were kept")
+    else:
+        why = "stopped before its plan for a reason train_log.jsonl does not record"
+    return f"{steps_text} ({of_plan}; {why})"
+
+
+def _details(recipe: dict, metrics: dict, lineage: dict, registry: dict | None, log: list[dict]) -> str:
     t, method = recipe["training"], recipe["method"]
     adapter = recipe.get("lora", {}) if method in ("lora", "dora", "qlora") else {}
     settings = f" (r={adapter['r']}, alpha={adapter['alpha']}, dropout={adapter['dropout']})" if adapter else ""
     lines = ["## Model details",
              f"- Task: {recipe['task']}; base model `{recipe['base_model']}`; method: {METHODS[method]}{settings}.",
-             f"- Training: {t['epochs']} epochs, learning rate {t['learning_rate']}, batch size {t['batch_size']}, "
+             f"- Training: {_training_done(t, log)}, learning rate {t['learning_rate']}, batch size {t['batch_size']}, "
              f"max sequence length {t['max_seq_length']}, seed {t['seed']}.",
              f"- Made by domaintune {lineage['domaintune_version']}, run `{lineage['run_id']}`; weights in `adapter/`; "
              f"how it was made, with the sha256 of every input and output, in `lineage.json`.",
@@ -91,8 +148,16 @@ def _factors(metrics: dict) -> str:
         lines.append(f"- `{sliced['field']}`: {len(sliced['slices'])} values"
                      + (f"; weakest `{worst}`, {gap:.3f} {sliced['metric']} below the best" if worst is not None else ""))
     if metrics.get("bias"):
-        groups = ", ".join(metrics["bias"].get("tuned", {}))
-        lines.append(f"- Counterfactual term swaps probed: {groups} (see Ethical considerations).")
+        # a group none of the held-out rows mentions was not probed at all: naming it would claim a check never made
+        results = metrics["bias"].get("tuned", {})
+        probed = [g for g, r in results.items() if r.get("rows")]
+        unprobed = [g for g, r in results.items() if not r.get("rows")]
+        if probed:
+            lines.append(f"- Counterfactual term swaps probed: {', '.join(probed)} (see Ethical considerations)"
+                         + (f"; no held-out row had terms of {_listed(unprobed)} to swap" if unprobed else "") + ".")
+        elif unprobed:
+            lines.append(f"- Counterfactual term swaps: no held-out row had terms of {_listed(unprobed)} to swap, "
+                         "so none were probed.")
     if len(lines) == 1:
         lines.append("- No slices were evaluated: set `evaluate.slices` to the metadata columns (region, channel, "
                      "product, ...) the model must work equally well for.")
@@ -108,7 +173,10 @@ def _metrics(recipe: dict, metrics: dict, lineage: dict) -> str:
         lines.append(f"- Both scored with their weights in {placed.replace(' ', ', ')}; `domaintune eval` places them "
                      "the same way on a machine like this one.")
     for name, test in metrics.get("significance", {}).items():
-        lines.append(f"- {name}: p = {test['p_value']:.2g} ({test.get('method', '')}) that the change is chance.")
+        # a p-value is not the probability that the change is chance: say what it is, as report.html does
+        method = TESTS.get(test.get("method", ""), test.get("method", ""))
+        lines.append(f"- {name}: p = {test['p_value']:.2g}{f' ({method})' if method else ''}: the chance of a "
+                     "difference at least this large if the two models were equally good.")
     if "ece" in metrics["tuned"]:
         lines.append(f"- Calibration (expected calibration error): base {metrics['base']['ece']:.3f}, "
                      f"tuned {metrics['tuned']['ece']:.3f}.")
@@ -117,8 +185,24 @@ def _metrics(recipe: dict, metrics: dict, lineage: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_data(metrics: dict, data: dict | None) -> str:
-    lines = ["## Evaluation data", f"- {metrics['eval_rows']} held-out rows (`data/eval.jsonl`)."]
+def _held_out(data: dict | None, run_dir: Path) -> int | None:
+    if data and "eval" in data.get("kept", {}):
+        return int(data["kept"]["eval"])
+    path = run_dir / "data" / "eval.jsonl"
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+    return None
+
+
+def _evaluation_data(recipe: dict, metrics: dict, data: dict | None, run_dir: Path) -> str:
+    scored, held_out = metrics["eval_rows"], _held_out(data, run_dir)
+    if held_out is not None and held_out > scored:  # evaluate.max_rows scores the first rows only
+        max_rows = (recipe.get("evaluate") or {}).get("max_rows")
+        lines = ["## Evaluation data", f"- {scored} of the {held_out} held-out rows (the first {scored} in "
+                 f"`data/eval.jsonl`{f'; evaluate.max_rows={max_rows}' if max_rows else ''})."]
+    else:
+        lines = ["## Evaluation data", f"- {scored} held-out rows (`data/eval.jsonl`)."]
     if data:
         split = data["split"]
         how = "a separate eval file" if split["by"] == "eval file" else f"a {split['by']} split of the training file"

@@ -257,8 +257,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             console: Console, description: str) -> list[str]:
-    """Greedy completions of token-id prompts, batched with left padding."""
+             console: Console, description: str, stop_when=None) -> list[str]:
+    """Greedy completions of token-id prompts, batched with left padding. ``stop_when(width)``,
+    given the padded prompt width of a batch, makes a transformers stopping criterion for it
+    (besides EOS)."""
+    from transformers import StoppingCriteriaList
+
     from domaintune.progress import Progress
 
     model.eval()
@@ -275,7 +279,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                                      device=model.device)
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=pad)
+                                 do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([stop_when(width)]) if stop_when else None)
             for j, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[j, width:], skip_special_tokens=True).strip()
             progress.advance(bar, len(idx))
