@@ -123,7 +123,7 @@ def test_openai_client_chat_stream_completions_models(server_url, colour_runs):
     assert completion.object == "text_completion" and completion.usage.completion_tokens <= 3
 
 
-def test_openai_client_classify_and_feedback(server_url):
+def test_openai_client_classify_and_feedback(server_url, colour_runs):
     url, feedback_db = server_url
     client = _client(url)
     result = client.post("/classify", cast_to=object, body={"model": "intents", "input": ["my parcel tracking",
@@ -145,7 +145,11 @@ def test_openai_client_classify_and_feedback(server_url):
     records = FeedbackStore(feedback_db).records()
     mine = [r for r in records if r.response_id == reply.id]
     assert len(mine) == 1
-    assert (mine[0].model, mine[0].rating, mine[0].correction, mine[0].reviewer) == ("colours-b", 2, "green .", "ops")
+    # stored under the registry name (the run's recipe name), which `domaintune update colours --feedback` reads
+    assert (mine[0].model, mine[0].rating, mine[0].correction, mine[0].reviewer) == ("colours", 2, "green .", "ops")
+    assert (mine[0].alias, mine[0].key, mine[0].version) == ("colours-b", "ops", None)
+    assert mine[0].run_id == Path(colour_runs["b"]).name
+    assert [r.id for r in FeedbackStore(feedback_db).records(model="colours")] == [stored["id"]]
     assert mine[0].answer == reply.choices[0].message.content
     assert json.loads(mine[0].prompt) == [{"role": "user", "content": QUESTIONS[1]}]
 
@@ -154,6 +158,10 @@ def test_openai_client_classify_and_feedback(server_url):
     with pytest.raises(openai.NotFoundError) as missing:
         client.post("/feedback", cast_to=object, body={"response_id": "chatcmpl-nope", "rating": 5})
     assert missing.value.body["code"] == "response_not_found"
+
+    assert client.models.retrieve("colours-a").id == "colours-a"  # the openai client's own call for one model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_openai_client_auth(server_url):
@@ -328,6 +336,208 @@ def test_pii_redacted_and_bodies_not_logged(colour_runs, tmp_path, caplog):
     assert "colour of sky" not in caplog.text and email not in caplog.text
 
 
+def test_auth_covers_metrics_and_model_retrieval(api):
+    assert _error(api.get("/metrics", headers={"Authorization": ""}), 401)["type"] == "authentication_error"
+    assert api.get("/metrics").status_code == 200  # any valid key
+    scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
+    assert api.get("/v1/models/colours-a", headers=scoped).json()["id"] == "colours-a"
+    # a model the key may not call is not listed for it, nor found
+    assert _error(api.get("/v1/models/intents", headers=scoped), 404)["code"] == "model_not_found"
+    entry = api.get("/v1/models/intents").json()
+    assert entry["object"] == "model" and entry["task"] == "classification"
+
+
+def test_feedback_records_the_key_beside_the_reviewers_claim(api, colour_runs):
+    store = FeedbackStore(api.app.state.server.config.feedback_db)
+    reply = api.post("/v1/chat/completions", json=chat_body("colours-a", QUESTIONS[0])).json()
+    claimed = api.post("/v1/feedback", json={"response_id": reply["id"], "rating": 1,
+                                             "reviewer": "dr-chief-medical-officer"}).json()
+    unclaimed = api.post("/v1/feedback", json={"response_id": reply["id"], "rating": 4}).json()
+    records = {r.id: r for r in store.records()}
+    assert (records[claimed["id"]].reviewer, records[claimed["id"]].key) == ("dr-chief-medical-officer", "ops")
+    assert (records[unclaimed["id"]].reviewer, records[unclaimed["id"]].key) == ("ops", "ops")
+    assert {records[i].model for i in (claimed["id"], unclaimed["id"])} == {"colours"}
+    assert records[claimed["id"]].run_id == Path(colour_runs["a"]).name
+
+
+def test_classification_feedback_takes_one_of_the_labels_for_one_input(api):
+    one = api.post("/v1/classify", json={"model": "intents", "input": "my parcel tracking"}).json()
+    wrong = _error(api.post("/v1/feedback", json={"response_id": one["id"], "correction": "parcels"}), 400)
+    assert wrong["param"] == "correction"
+    assert all(label in wrong["message"] for label in ("billing", "account", "shipping", "product"))
+    assert api.post("/v1/feedback", json={"response_id": one["id"], "correction": "shipping"}).status_code == 200
+    listed = api.post("/v1/classify", json={"model": "intents", "input": ["my parcel tracking"]}).json()
+    assert api.post("/v1/feedback", json={"response_id": listed["id"], "correction": "shipping"}).status_code == 200
+
+    batch = api.post("/v1/classify", json={"model": "intents", "input": ["my parcel", "a refund"]}).json()
+    for body in ({"correction": "shipping"}, {"rating": 2}):
+        refused = _error(api.post("/v1/feedback", json={"response_id": batch["id"], **body}), 400)
+        assert "one input per response" in refused["message"]
+
+
+def test_feedback_store_adds_the_new_columns_to_an_older_file(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "feedback.db"
+    with sqlite3.connect(path) as db:  # the table as the first release wrote it
+        db.execute("CREATE TABLE feedback (id TEXT PRIMARY KEY, response_id TEXT NOT NULL, model TEXT NOT NULL, "
+                   "prompt TEXT NOT NULL, answer TEXT NOT NULL, rating INTEGER, correction TEXT, reviewer TEXT, "
+                   "comment TEXT, created_at TEXT NOT NULL)")
+        db.execute("INSERT INTO feedback VALUES ('fb-old', 'r0', 'intents', 'my parcel', 'billing', NULL, 'shipping', "
+                   "'ana', NULL, '2025-01-01T00:00:00+00:00')")
+    db.close()
+    from domaintune.serve.feedback import Response
+
+    store = FeedbackStore(path)
+    new = store.add("r1", Response("intents", "a refund", "billing", alias="triage", version="intents:3",
+                                   run_id="20250101-000000-ab12"), correction="billing", key="ops")
+    old, added = store.records(model="intents")
+    assert (old.id, old.correction, old.alias, old.version, old.run_id, old.key) == \
+        ("fb-old", "shipping", None, None, None, None)
+    assert added == new and (added.alias, added.version, added.run_id, added.key) == \
+        ("triage", "intents:3", "20250101-000000-ab12", "ops")
+    store.close()
+    FeedbackStore(path).close()  # opening it again changes nothing
+
+
+def test_classifier_reads_what_its_run_evaluated_on(intent_run, tmp_path):
+    """A text longer than the run's training.max_seq_length (32) is cut there, as in evaluation."""
+    from domaintune.evaluate.run_eval import load_run_model
+    from domaintune.train.classification import predict_proba
+
+    text = " ".join(["my parcel tracking is late"] + ["please refund the invoice charge today"] * 12)
+    run_model = load_run_model(intent_run)
+    max_len = run_model.spec.training.max_seq_length
+    assert max_len == 32 and len(run_model.tokenizer(text)["input_ids"]) > 2 * max_len
+    evaluated = predict_proba(run_model.model, run_model.tokenizer, [text], max_len)[0]
+    longer = predict_proba(run_model.model, run_model.tokenizer, [text], 128)[0]
+    assert abs(evaluated - longer).max() > 1e-3  # the length matters for this text
+
+    config = ServeConfig(models={"intents": intent_run}, feedback_db=tmp_path / "fb.db")
+    with TestClient(create_app(config)) as client:
+        served = client.post("/v1/classify", json={"model": "intents", "input": text}).json()["data"][0]
+    assert [served["probabilities"][label] for label in run_model.labels] == pytest.approx(evaluated.tolist(),
+                                                                                         abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def system_prompt_run(tmp_path_factory, tiny_llama) -> Path:
+    """The colours taught under a system prompt, which the run's data steps put before every chat."""
+    root = tmp_path_factory.mktemp("system-prompt-run")
+    recipe = _colour_recipe(root, tiny_llama, 0)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["data"]["system_prompt"] = "you answer with the colour . please answer with the colour of it ."
+    spec["training"]["epochs"] = 2
+    recipe.write_text(yaml.safe_dump(spec))
+    return run(recipe, output_dir=root / "runs", register=False).run_dir
+
+
+@torch.no_grad()
+def test_served_chat_answers_as_its_run_evaluated_with_its_system_prompt(system_prompt_run, tmp_path):
+    """The same prompt as evaluation (the run's system prompt first), so the same answers and the
+    same distributions: the tiny model's greedy answers alone hardly depend on the prompt."""
+    from domaintune.data.examples import ChatExample
+    from domaintune.evaluate.run_eval import load_run_model
+    from domaintune.train.causal import prompt_ids, render
+
+    samples = [json.loads(line) for line in (system_prompt_run / "predictions.jsonl").read_text().splitlines()]
+    chats = [json.loads(line)["messages"] for line in (system_prompt_run / "data" / "eval.jsonl").open()]
+    assert [c[-2]["content"] for c in chats] == [s["prompt"] for s in samples]
+    assert all(c[0]["role"] == "system" for c in chats)  # put there by the run's data steps
+    run_model = load_run_model(system_prompt_run)  # as `domaintune eval` loads it
+    evaluated = [prompt_ids(run_model.tokenizer, ChatExample(c)) for c in chats]
+    max_new = run_model.spec.evaluate.max_new_tokens
+    config = ServeConfig(models={"colours": system_prompt_run}, feedback_db=tmp_path / "fb.db")
+    with TestClient(create_app(config)) as client:
+        def ask(messages: list[dict]) -> dict:
+            reply = client.post("/v1/chat/completions", json={"model": "colours", "messages": messages,
+                                                             "temperature": 0, "max_tokens": max_new, "logprobs": True})
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        served = [ask([{"role": "user", "content": s["prompt"]}]) for s in samples]
+        own = [{"role": "system", "content": "you answer"}, {"role": "user", "content": samples[0]["prompt"]}]
+        own_reply = ask(own)
+    assert [r["choices"][0]["message"]["content"].strip() for r in served] == [s["tuned"] for s in samples]
+    assert [r["usage"]["prompt_tokens"] for r in served] == [len(ids) for ids in evaluated]
+    for reply, ids in zip(served, evaluated):
+        first = run_model.model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        assert reply["choices"][0]["logprobs"]["content"][0]["logprob"] == pytest.approx(float(first.max()), abs=1e-4)
+    # a chat with a system message of its own is sent as it is, without a second one
+    tokenizer = run_model.tokenizer
+    assert own_reply["usage"]["prompt_tokens"] == len(tokenizer(render(tokenizer, own, True),
+                                                                add_special_tokens=False)["input_ids"])
+
+
+def test_an_abandoned_request_stops_generating(colour_runs):
+    """A client that gives up on a long non-streaming answer frees the model at once, as a
+    streaming client does; the answer is not kept for feedback."""
+    app = create_app(ServeConfig(models={"colours-a": colour_runs["a"]}))
+    served = app.state.server.pool.get("colours-a")
+    batcher, started = served.backend.batcher, []
+    inner = batcher.run_batch
+
+    def slow(rows, on_token):  # 20 ms a token: 200 tokens take 4 s unless the rows stop
+        started.extend(rows)
+        inner(rows, lambda i, token: (time.sleep(0.02), on_token(i, token)))
+
+    batcher.run_batch = slow
+    sky = served.tokenizer.convert_tokens_to_ids("sky")
+    body = json.dumps(chat_body("colours-a", QUESTIONS[0], max_tokens=200, logit_bias={str(sky): 100})).encode()
+
+    async def abandon() -> tuple[list[dict], float]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        gone, sent = asyncio.Event(), []
+
+        async def receive() -> dict:
+            if incoming:
+                return incoming.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
+        request = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.5)
+        gone.set()
+        left = time.monotonic()
+        await asyncio.wait_for(request, 30)
+        return sent, time.monotonic() - left
+
+    sent, after = asyncio.run(abandon())
+    assert len(started) == 1 and 0 < started[0].produced < 100, started[0].produced
+    assert after < 2, after
+    assert served.inflight == 0
+    assert sent[0]["status"] == 499  # logged and counted as the client's closing, not as an answer
+    assert not app.state.server.responses._items
+
+
+def test_cli_bounds_the_wait_for_running_requests_at_shutdown(monkeypatch, tmp_path):
+    import typer
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import domaintune.serve.app
+    from domaintune.cli.serve import SHUTDOWN_TIMEOUT_S, serve
+
+    calls = []
+    monkeypatch.setattr(domaintune.serve.app, "create_app", lambda config: "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    command = typer.Typer()
+    command.command()(serve)
+    runner = CliRunner()
+    assert runner.invoke(command, ["--model", f"x={tmp_path}"]).exit_code == 0
+    assert runner.invoke(command, ["--model", f"x={tmp_path}", "--shutdown-timeout", "2"]).exit_code == 0
+    assert [c["timeout_graceful_shutdown"] for c in calls] == [SHUTDOWN_TIMEOUT_S, 2]
+    assert 0 < SHUTDOWN_TIMEOUT_S <= 30
+
+
 # -- following the registry --------------------------------------------------------------------------
 
 
@@ -361,6 +571,11 @@ def test_promotion_is_served_without_restart(colour_runs, tmp_path):
     with TestClient(app) as client:
         wait_for(client, first.version)
         assert answers(client) == expected["a"]
+        reply = client.post("/v1/chat/completions", json=chat_body("colours", QUESTIONS[0])).json()
+        client.post("/v1/feedback", json={"response_id": reply["id"], "rating": 5})
+        record = FeedbackStore(tmp_path / "fb.db").records()[-1]
+        assert (record.model, record.alias, record.version, record.run_id) == \
+            ("colours", "colours", f"colours:{first.version}", Path(colour_runs["a"]).name)
         in_flight = pool.acquire("colours")  # a request still running on the first version
 
         registry.promote("colours", second.version, "production", force=True, reason="test: switch answers")

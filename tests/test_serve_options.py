@@ -318,6 +318,78 @@ def test_logprobs_refused_where_answers_are_redacted(colour_run, tmp_path):
         assert api.post("/v1/chat/completions", json=body | {"logprobs": False}).status_code == 200
 
 
+# -- OpenAI request shapes beyond the basics ----------------------------------------------------------
+
+
+def test_content_parts_and_the_developer_role_read_as_text_and_system(client):
+    def answer(messages) -> str:
+        return client.chat.completions.create(model="colours", messages=messages, max_tokens=8,
+                                              temperature=0).choices[0].message.content
+
+    parts = [{"type": "text", "text": "what is the colour"}, {"type": "text", "text": "of sky ?"}]
+    assert answer([{"role": "user", "content": parts}]) == \
+        answer([{"role": "user", "content": "what is the colour\nof sky ?"}])
+    system = "answer with the colour ."
+    assert answer([{"role": "developer", "content": system}, *QUESTION]) == \
+        answer([{"role": "system", "content": system}, *QUESTION])
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        answer([{"role": "user", "content": [parts[0], image]}])
+    assert refused.value.body["param"] == "messages.0.content" and "text only" in refused.value.body["message"]
+
+
+def test_null_request_fields_take_their_defaults(client):
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "seed", "stop", "stream", "stream_options", "presence_penalty",
+                           "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_completion_tokens",
+                           "user"))
+    reply = client.post("/chat/completions", cast_to=object,
+                        body={"model": "colours", "messages": QUESTION, "max_tokens": 4, **nulls})
+    assert len(reply["choices"]) == 1 and reply["choices"][0]["logprobs"] is None
+    completion = client.post("/completions", cast_to=object, body={
+        "model": "colours", "prompt": "sky", "max_tokens": 2, "echo": None, "best_of": None, **nulls})
+    assert len(completion["choices"]) == 1
+
+
+def test_completions_default_to_16_tokens_as_openai(client, base, tiny_llama):
+    _, tokenizer = base
+    forced = {str(tokenizer.get_vocab()["sky"]): 100}  # never a stop token: the limit ends the answer
+    for limit in ({}, {"max_tokens": None}):
+        reply = client.post("/completions", cast_to=object, body={"model": tiny_llama.name, "prompt": "what is the",
+                                                                  "logit_bias": forced, "temperature": 0, **limit})
+        assert reply["usage"]["completion_tokens"] == 16 and reply["choices"][0]["finish_reason"] == "length"
+    chat_reply = client.post("/chat/completions", cast_to=object, body={
+        "model": tiny_llama.name, "messages": QUESTION, "logit_bias": forced, "temperature": 0, "max_tokens": None})
+    assert chat_reply["usage"]["completion_tokens"] > 16  # chat keeps the server's own default
+
+
+def test_completions_answer_each_prompt_of_a_list(client, tiny_llama):
+    prompts = ["what is the colour of", "the colour of sky is"]
+    alone = [client.completions.create(model=tiny_llama.name, prompt=p, max_tokens=4, **SAMPLED) for p in prompts]
+    both = client.completions.create(model=tiny_llama.name, prompt=prompts, max_tokens=4, n=2, **SAMPLED)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]  # prompt * n + choice
+    assert [both.choices[0].text, both.choices[2].text] == [a.choices[0].text for a in alone]
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    greedy = client.completions.create(model=tiny_llama.name, prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.text for c in greedy.choices] == [
+        client.completions.create(model=tiny_llama.name, prompt=p, max_tokens=4, temperature=0).choices[0].text
+        for p in prompts]
+    with pytest.raises(openai.BadRequestError) as refused:  # feedback on a batch is refused: one input each
+        client.post("/feedback", cast_to=object, body={"response_id": both.id, "rating": 4})
+    assert "one input per response" in refused.value.body["message"]
+    for prompt in ([], [[1, 2, 3]]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=tiny_llama.name, prompt=prompt, max_tokens=2)
+        assert refused.value.body["param"] == "prompt"
+
+
+def test_models_retrieve(client, tiny_llama):
+    model = client.models.retrieve("colours")
+    assert (model.id, model.object, model.task) == ("colours", "model", "sft")
+    assert client.models.retrieve(tiny_llama.name).task == "base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
 # -- batching ---------------------------------------------------------------------------------------
 
 

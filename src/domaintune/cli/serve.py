@@ -13,6 +13,7 @@ from domaintune.cli.common import err, fail
 from domaintune.errors import DomaintuneError
 
 ENGINES = ("transformers", "vllm")
+SHUTDOWN_TIMEOUT_S = 5  # without a limit, SIGTERM waits for every running generation, however long
 
 
 def serve(
@@ -33,6 +34,7 @@ def serve(
     redact_pii: Annotated[bool, typer.Option(help="Redact personal data in prompts before the model sees them, and in answers.")] = False,
     log_bodies: Annotated[bool, typer.Option(help="Log prompts and answers (off by default: they may hold personal data).")] = False,
     feedback_db: Annotated[Optional[Path], typer.Option(help="SQLite file for feedback (default: $DOMAINTUNE_HOME/feedback.db).")] = None,
+    shutdown_timeout: Annotated[int, typer.Option(min=0, help="Seconds a stopping server (SIGTERM, Ctrl-C) lets running requests finish before it cancels them.")] = SHUTDOWN_TIMEOUT_S,
 ) -> None:
     """Serve fine-tuned models over an OpenAI-compatible HTTP API.
 
@@ -63,7 +65,8 @@ def serve(
     except DomaintuneError as exc:
         fail(exc)
     err.print(f"serving on http://{host}:{port}/v1", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # past the timeout uvicorn cancels the requests still running; their generation stops at the next step
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
 
 
 def parse_model(item: str) -> tuple[str, Path]:

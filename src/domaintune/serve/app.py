@@ -124,15 +124,15 @@ class Server:
             return [row]
         return [replace(row, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
-    async def generate(self, served: Served, rows: list[Row], answers: list[AnswerText],
-                       cancel: threading.Event) -> AsyncIterator[tuple[int, Piece, str | None]]:
+    async def generate(self, served: Served, rows: list[Row], readers: list[list[int]], answers: list[AnswerText],
+                       cancel: threading.Event, prompt_tokens: int) -> AsyncIterator[tuple[int, Piece, str | None]]:
         """Each answer as it is generated, in pieces: ``(choice index, piece, finish_reason)``,
-        the finish reason with a choice's last piece only. ``rows`` are one per answer, or one
-        read by all."""
+        the finish reason with a choice's last piece only. ``readers[r]`` are the answers row
+        ``r`` is read into: one, or all choices of a greedy prompt. ``prompt_tokens`` (of all
+        prompts, each once) is counted in the metrics when all is generated."""
         halts = [threading.Event() for _ in rows]
         for row, halt in zip(rows, halts):
             row.cancelled = lambda halt=halt: halt.is_set() or cancel.is_set()
-        readers = [range(len(answers))] if len(rows) == 1 else [[i] for i in range(len(rows))]
         tokens = served.backend.batcher.submit(rows)
         running = set(range(len(rows)))
         while running:
@@ -159,8 +159,15 @@ class Server:
                 # comes only when the whole batch ends, and is not waited for
                 halts[r].set()
                 running.discard(r)
-        self.metrics.prompt_tokens.labels(served.name).inc(len(rows[0].prompt_ids))
+        self.metrics.prompt_tokens.labels(served.name).inc(prompt_tokens)
         self.metrics.completion_tokens.labels(served.name).inc(sum(a.used for a in answers))
+
+    def answered(self, served: Served, prompt: str, answer: str, *, inputs: int = 1) -> Answered:
+        """What feedback on a response will be about: stored under the model's registry name, which
+        updates look feedback up by, whatever name the request used."""
+        return Answered(served.registry_name or served.name, prompt, answer, alias=served.name,
+                        version=served.version_ref, run_id=served.run_id,
+                        labels=tuple(served.labels) if served.labels is not None else None, inputs=inputs)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -201,15 +208,23 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"status": "ok", "models": len(server.pool.routes), "device": server.pool.device}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(key: ApiKey | None = Depends(caller)) -> Response:
+        # any valid key: the metrics name every model served and count its feedback
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(key: ApiKey | None = Depends(caller)) -> dict:
-        return {"object": "list", "data": [
-            {"id": s.name, "object": "model", "created": s.created, "owned_by": "domaintune", "task": s.task,
-             "base_model": s.base_model, "version": s.version}
-            for s in server.pool.list() if key is None or key.may_call(s.name)]}
+        return {"object": "list", "data": [_model_entry(s) for s in server.pool.list()
+                                           if key is None or key.may_call(s.name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, key: ApiKey | None = Depends(caller)) -> dict:
+        served = server.pool.get(model_id)
+        # a model the key may not call is not listed for it either: not found rather than forbidden
+        if served is None or (key is not None and not key.may_call(model_id)):
+            raise ApiError(404, f"the model {model_id!r} is not served here; GET /v1/models lists them",
+                           code="model_not_found", param="model")
+        return _model_entry(served)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(caller)):
@@ -218,23 +233,30 @@ def create_app(config: ServeConfig) -> FastAPI:
         served = server.acquire(request, key, body.model, generates=True)
         try:
             messages = [{"role": m.role, "content": server.redact(m.content)} for m in body.messages]
-            text = render(served.tokenizer, messages, add_generation_prompt=True)
+            seen = messages
+            if served.system_prompt and messages[0]["role"] != "system":
+                # the run's data steps put its system prompt before every chat lacking one, so its
+                # training and evaluation saw it: without it the model would answer otherwise
+                seen = [{"role": "system", "content": served.system_prompt}, *messages]
+            text = render(served.tokenizer, seen, add_generation_prompt=True)
             rows = server.rows(served, served.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
         except BaseException:
             server.pool.release(served)
             raise
-        return await _answer(server, served, rows, body, "chatcmpl-", chat_prompt(messages), chat=True)
+        # feedback keeps the chat as sent: an update's data steps add the system prompt as the run's did
+        return await _answer(server, request, served, [(chat_prompt(messages), rows)], body, "chatcmpl-", chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, key: ApiKey | None = Depends(caller)):
         served = server.acquire(request, key, body.model, generates=True)
         try:
-            prompt = server.redact(body.prompt)
-            rows = server.rows(served, served.tokenizer(prompt)["input_ids"], body, "prompt")
+            prompts = [server.redact(p) for p in body.prompts]
+            jobs = [(p, server.rows(served, served.tokenizer(p)["input_ids"], body, "prompt")) for p in prompts]
         except BaseException:
             server.pool.release(served)
             raise
-        return await _answer(server, served, rows, body, "cmpl-", prompt, chat=False)
+        return await _answer(server, request, served, jobs, body, "cmpl-", chat=False,
+                             listed=not isinstance(body.prompt, str))
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request, key: ApiKey | None = Depends(caller)) -> dict:
@@ -259,10 +281,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             server.pool.release(served)
         response_id = "clf-" + secrets.token_hex(12)
-        single = isinstance(body.input, str)
+        single = len(texts) == 1  # a list of one is one input too
         labels = [d["label"] for d in data]
-        server.responses.add(response_id, Answered(served.name, texts[0] if single else json.dumps(texts),
-                                                   labels[0] if single else json.dumps(labels)))
+        server.responses.add(response_id, server.answered(served, texts[0] if single else json.dumps(texts),
+                                                          labels[0] if single else json.dumps(labels),
+                                                          inputs=len(texts)))
         if config.log_bodies:
             log.info("classify %s %s: %r -> %r", response_id, served.name, texts, labels)
         return {"id": response_id, "object": "classification", "created": int(time.time()), "model": served.name,
@@ -274,59 +297,91 @@ def create_app(config: ServeConfig) -> FastAPI:
         if answered is None:
             raise ApiError(404, f"no recent response with id {body.response_id!r}", code="response_not_found",
                            param="response_id")
-        request.state.model = answered.model
-        check_scope(key, answered.model)
-        correction = server.redact(body.correction) if body.correction is not None else None
+        request.state.model = answered.route
+        check_scope(key, answered.route)
+        if answered.inputs > 1:  # an update could not tell which input a rating or correction is about
+            raise ApiError(400, f"feedback takes one input per response, and {body.response_id!r} answered "
+                           f"{answered.inputs}: send each input in a request of its own to give feedback on it",
+                           param="response_id")
+        correction = body.correction
+        if correction is not None and answered.labels is not None:
+            if correction not in answered.labels:  # it becomes a training label: one the model has
+                raise ApiError(400, f"the correction {correction!r} is not a label of {answered.route!r}; its labels "
+                               f"are: {', '.join(answered.labels)}", param="correction")
+        elif correction is not None:
+            correction = server.redact(correction)
+        # the key is who is known to have sent it; the reviewer is who the caller says it is
         record = await asyncio.to_thread(server.feedback.add, body.response_id, answered, rating=body.rating,
                                          correction=correction, reviewer=body.reviewer or (key.name if key else None),
-                                         comment=body.comment)
-        server.metrics.feedback.labels(answered.model).inc()
+                                         comment=body.comment, key=key.name if key else None)
+        server.metrics.feedback.labels(answered.route).inc()
         return {"id": record.id, "object": "feedback", "response_id": record.response_id, "model": record.model,
                 "created_at": record.created_at}
 
     return app
 
 
-async def _answer(server: Server, served: Served, rows: list[Row], body: ChatCompletionRequest | CompletionRequest,
-                  prefix: str, prompt: str, *, chat: bool):
-    """Generate ``body.n`` choices for one request: a JSON body, or server-sent events when
-    ``body.stream`` (the choices' chunks interleaved, each with its ``index``)."""
+async def _answer(server: Server, request: Request, served: Served, jobs: list[tuple[str, list[Row]]],
+                  body: ChatCompletionRequest | CompletionRequest, prefix: str, *, chat: bool, listed: bool = False):
+    """Generate ``body.n`` choices for each prompt of one request (``jobs``: each prompt's text and
+    its rows, see ``Server.rows``): a JSON body, or server-sent events when ``body.stream`` (the
+    choices' chunks interleaved, each with its ``index``: prompt * n + choice). ``listed``: the
+    prompt came as a list, and feedback is not taken on the response (one input per response)."""
     response_id = prefix + secrets.token_hex(12)
     created = int(time.time())
     cancel = threading.Event()
     kind = "chat.completion" if chat else "text_completion"
     decode = lambda ids: served.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    answers = [AnswerText(decode, body.stop) for _ in range(body.n)]
+    n, prompts = body.n, [prompt for prompt, _ in jobs]
+    count = n * len(jobs)
+    answers = [AnswerText(decode, body.stop) for _ in range(count)]
+    rows, readers = [], []
+    for p, (_, prompt_rows) in enumerate(jobs):
+        rows += prompt_rows
+        # greedy: one row read by every choice of its prompt (they would be equal)
+        readers += [[p * n + i for i in range(n)]] if len(prompt_rows) == 1 else [[p * n + i] for i in range(n)]
+    prompt_tokens = sum(len(prompt_rows[0].prompt_ids) for _, prompt_rows in jobs)
 
     def finish(texts: list[str]) -> dict:
-        server.responses.add(response_id, Answered(served.name, prompt, texts[0]))  # feedback rates the first choice
+        first = [texts[p * n] for p in range(len(jobs))]  # feedback rates each prompt's first choice
+        if listed:
+            answered = server.answered(served, json.dumps(prompts), json.dumps(first), inputs=len(jobs))
+        else:
+            answered = server.answered(served, prompts[0], first[0])
+        server.responses.add(response_id, answered)
         if server.config.log_bodies:
-            log.info("%s %s: %r -> %r", response_id, served.name, prompt, texts)
+            log.info("%s %s: %r -> %r", response_id, served.name, prompts if listed else prompts[0], texts)
         used = sum(a.used for a in answers)
-        return {"prompt_tokens": len(rows[0].prompt_ids), "completion_tokens": used,
-                "total_tokens": len(rows[0].prompt_ids) + used}
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}
 
-    def logprobs(tokens: list[AnswerToken]) -> dict | None:
+    def logprobs(i: int, tokens: list[AnswerToken]) -> dict | None:
         if body.alternatives is None:
             return None
-        return _chat_logprobs(tokens) if chat else _legacy_logprobs(tokens, len(prompt))
+        return _chat_logprobs(tokens) if chat else _legacy_logprobs(tokens, len(prompts[i // n]))
 
     if not body.stream:
-        texts, tokens, reasons = [""] * body.n, [[] for _ in range(body.n)], ["length"] * body.n
+        texts, tokens, reasons = [""] * count, [[] for _ in range(count)], ["length"] * count
+        # a client that gives up on a long answer must not keep the model busy (streams stop when
+        # their client leaves too): its rows stop at the next step, or never start
+        watcher = asyncio.create_task(_until_disconnected(request, cancel))
         try:
-            async for i, piece, reason in server.generate(served, rows, answers, cancel):
+            async for i, piece, reason in server.generate(served, rows, readers, answers, cancel, prompt_tokens):
                 texts[i] += piece.text
                 tokens[i] += piece.tokens
                 reasons[i] = reason or reasons[i]
         finally:
+            gone = _left(watcher)
+            watcher.cancel()
             cancel.set()
             server.pool.release(served)
+        if gone:  # nobody reads the answer: not kept for feedback; 499 (client closed request) in logs and metrics
+            return Response(status_code=499)
         texts = [server.redact(text) for text in texts]
         usage = finish(texts)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs(tokens[i]),
-                    "finish_reason": reasons[i]} if chat else
-                   {"index": i, "text": texts[i], "logprobs": logprobs(tokens[i]), "finish_reason": reasons[i]}
-                   for i in range(body.n)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": logprobs(i, tokens[i]), "finish_reason": reasons[i]} if chat else
+                   {"index": i, "text": texts[i], "logprobs": logprobs(i, tokens[i]), "finish_reason": reasons[i]}
+                   for i in range(count)]
         return {"id": response_id, "object": kind, "created": created, "model": served.name, "choices": choices,
                 "usage": usage}
 
@@ -337,7 +392,7 @@ async def _answer(server: Server, served: Served, rows: list[Row], body: ChatCom
 
     def chunk(i: int, content: str | None, tokens: list[AnswerToken] | None = None, finish_reason: str | None = None,
               first: bool = False) -> str:
-        lp = logprobs(tokens) if tokens else None
+        lp = logprobs(i, tokens) if tokens else None
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | (
                 {"content": content} if content is not None else {})
@@ -347,10 +402,10 @@ async def _answer(server: Server, served: Served, rows: list[Row], body: ChatCom
     async def events() -> AsyncIterator[str]:
         try:
             if chat:
-                for i in range(body.n):
+                for i in range(count):
                     yield chunk(i, None, first=True)
-            texts = [""] * body.n
-            async for i, piece, reason in server.generate(served, rows, answers, cancel):
+            texts = [""] * count
+            async for i, piece, reason in server.generate(served, rows, readers, answers, cancel, prompt_tokens):
                 texts[i] += piece.text
                 if server.redactor is None and piece:  # redaction needs the whole answer: it is sent at the end
                     yield chunk(i, piece.text, piece.tokens)
@@ -370,6 +425,29 @@ async def _answer(server: Server, served: Served, rows: list[Row], body: ChatCom
             server.pool.release(served)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _until_disconnected(request: Request, cancel: threading.Event) -> bool:
+    """Wait until the client disconnects, then set ``cancel`` and return True. The request body
+    has been read by then, so what ``receive`` brings next is the disconnect."""
+    message = await request.receive()
+    if message["type"] != "http.disconnect":  # not a server that keeps to ASGI: nothing to watch
+        return False
+    cancel.set()
+    return True
+
+
+def _left(watcher: asyncio.Task) -> bool:
+    """Whether ``_until_disconnected`` saw the client leave (a receive that failed says nothing)."""
+    if not watcher.done() or watcher.cancelled():
+        return False
+    return watcher.exception() is None and watcher.result()
+
+
+def _model_entry(served: Served) -> dict:
+    """A model as ``GET /v1/models`` lists it."""
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "domaintune",
+            "task": served.task, "base_model": served.base_model, "version": served.version}
 
 
 def _token_entry(text: str, logprob: float | None) -> dict:
@@ -432,7 +510,8 @@ def _install_observability(app: FastAPI, server: Server) -> None:
             server.metrics.inflight.dec()
         elapsed = time.perf_counter() - start
         # labels only from known values: a client must not be able to mint new time series
-        endpoint = request.url.path if request.url.path in paths else "other"
+        path = request.url.path
+        endpoint = path if path in paths else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
         model = getattr(request.state, "model", "")
         model = model if model in server.pool.routes or not model else "other"
         server.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()

@@ -29,6 +29,7 @@ from domaintune.serve.batcher import Batcher
 from domaintune.serve.generation import Row, generate_rows
 
 DEVICES = ("auto", "cpu", "cuda")
+FALLBACK_MAX_LENGTH = 512  # for a recipe.yaml without training.max_seq_length (resolved ones always have it)
 
 
 def serving_device(choice: str) -> str:
@@ -72,7 +73,10 @@ class Served:
     base_model: str
     run_dir: Path | None = None
     version: int | None = None
+    registry_name: str | None = None  # the run's recipe name: what the registry (and updates) know it as
     labels: list[str] | None = None
+    max_length: int | None = None  # classification: the tokens a text is cut to, as the run trained and evaluated
+    system_prompt: str | None = None  # sft: the system message the run's data steps put before chats lacking one
     classifier: Any = None  # MeanPoolClassifier sharing ``backend.model`` as its encoder
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
@@ -81,6 +85,17 @@ class Served:
     @property
     def generates(self) -> bool:
         return self.backend.kind == "causal"
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run_dir.name if self.run_dir is not None else None
+
+    @property
+    def version_ref(self) -> str | None:
+        """The registry's ``name:N`` for what is served, when known (served from the registry)."""
+        if self.version is None or self.registry_name is None:
+            return None
+        return f"{self.registry_name}:{self.version}"
 
 
 class ModelPool:
@@ -140,7 +155,12 @@ class ModelPool:
             served = self._load_classifier(name, base, recipe, adapter_dir)
         else:
             served = self._load_causal(name, base, recipe, adapter_dir)
-        served.run_dir, served.version = run_dir, version
+        served.run_dir, served.version, served.registry_name = run_dir, version, recipe.get("name") or name
+        # served answers must be the ones the run evaluated: the same input length and the same chats
+        length = (recipe.get("training") or {}).get("max_seq_length")
+        served.max_length = int(length) if length else None
+        if served.task == "sft":
+            served.system_prompt = (recipe.get("data") or {}).get("system_prompt") or None
         return served
 
     def route(self, served: Served) -> None:
@@ -223,7 +243,8 @@ class ModelPool:
             self._start(backend, base_tokenizer, backend.model)
             base_name = base_route_name(recipe["base_model"])
             if base_name not in self.routes:
-                self.routes[base_name] = Served(base_name, "base", backend, None, base_tokenizer, recipe["base_model"])
+                self.routes[base_name] = Served(base_name, "base", backend, None, base_tokenizer, recipe["base_model"],
+                                                registry_name=base_name)
         return Served(name, task, backend, adapter, tokenizer, recipe["base_model"])
 
     def _placed(self, model):
@@ -274,14 +295,16 @@ class ModelPool:
 
     # -- running -------------------------------------------------------------------------
 
-    def classify(self, served: Served, texts: list[str], max_length: int = 512) -> np.ndarray:
-        """Label probabilities, one row per text (call from a worker thread)."""
+    def classify(self, served: Served, texts: list[str]) -> np.ndarray:
+        """Label probabilities, one row per text, each cut to the run's ``training.max_seq_length``
+        tokens as in its training and evaluation (call from a worker thread)."""
         from domaintune.train.classification import predict_proba
 
+        max_length = min(served.max_length or FALLBACK_MAX_LENGTH, served.backend.max_context)
         with self.lock:
             if served.adapter is not None:
                 served.backend.model.set_adapter(served.adapter)
-            return predict_proba(served.classifier, served.tokenizer, texts, min(max_length, served.backend.max_context))
+            return predict_proba(served.classifier, served.tokenizer, texts, max_length)
 
     async def close(self) -> None:
         for backend in self.backends.values():

@@ -1,7 +1,8 @@
 """Request bodies in OpenAI's shape (fields this server does not use are accepted and ignored,
 as clients send them, except where ignoring one would change what the answer means: completions'
-``echo`` and ``best_of`` are refused unless at their defaults), plus the classify and feedback
-bodies of this API."""
+``echo`` and ``best_of`` are refused unless at their defaults, and image or audio parts of a
+message), plus the classify and feedback bodies of this API. A field sent as ``null`` takes its
+default, as OpenAI reads it (clients send ``"temperature": null`` for "not set")."""
 
 from __future__ import annotations
 
@@ -13,15 +14,49 @@ MAX_CHOICES = 8  # the largest n
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
 MAX_LOGIT_BIAS = 100.0  # the largest bias either way, as OpenAI allows
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for (legacy) completions
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        # OpenAI's clients and SDKs send null for a field they leave unset: it must not be a 400
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value
+
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "developer"]
     content: str
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, value: str) -> str:
+        # OpenAI's newer name for the system message; chat templates know only "system"
+        return "system" if value == "developer" else value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """Content as a list of parts: its text parts joined (with newlines, as vLLM joins them)."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                what = f"a part of type {kind!r}" if kind else "a part that is not an object with a type"
+                raise ValueError(f"{what}: this server's models read text only; send text parts "
+                                 "({\"type\": \"text\", \"text\": ...}) or a string")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part needs \"text\", a string")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 class StreamOptions(BaseModel):
@@ -98,11 +133,29 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[str]  # a list: each prompt answered, its choices at index prompt * n + choice
+    max_tokens: int = Field(default=COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)  # strict: true is no count
     echo: bool = False
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, value: Any) -> Any:
+        # checked here, not by the type, so that every error names the parameter "prompt"
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise ValueError("give a string or a list of strings (token ids are not supported)")
+        if not value:
+            raise ValueError("give at least one prompt")
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     @field_validator("echo")
     @classmethod
