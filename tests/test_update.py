@@ -126,8 +126,9 @@ def test_feedback_corrections_flow_into_the_next_version(registry_url, productio
 
     feedback_db = tmp_path / "feedback.db"
     with TestClient(create_app(ServeConfig(models={NAME: production[0]}, feedback_db=feedback_db))) as client:
-        answered = client.post("/v1/classify", json={"model": NAME, "input": "warranty card is broken urgent"}).json()
-        corrected = client.post("/v1/feedback", json={"response_id": answered["id"], "correction": "product",
+        # a label production knows: the server refuses a correction to a label the model has not
+        answered = client.post("/v1/classify", json={"model": NAME, "input": "my parcel tracking is late urgent"}).json()
+        corrected = client.post("/v1/feedback", json={"response_id": answered["id"], "correction": "shipping",
                                                       "reviewer": "ana"}).json()
         client.post("/v1/feedback", json={"response_id": answered["id"], "rating": 5})
 
@@ -136,7 +137,7 @@ def test_feedback_corrections_flow_into_the_next_version(registry_url, productio
 
     rows = [r for r in read_jsonl(result.run_dir / "data" / "train.jsonl") if r["source"].startswith("feedback:")]
     assert [(r["source"], r["reviewer"], r["text"], r["label"]) for r in rows] == [
-        (f"feedback:{corrected['id']}", "ana", "warranty card is broken urgent", "product")]
+        (f"feedback:{corrected['id']}", "ana", "my parcel tracking is late urgent", "shipping")]
     assert result.assembly.feedback_skipped == {"no correction": 1}
     assert result.stage == "production"
 
@@ -154,3 +155,143 @@ def test_replay_reduces_forgetting(registry_url, tmp_path):
         forgetting[ratio] = old["candidate"]["accuracy"] - old["production"]["accuracy"]
         assert (result.assembly.train_rows.get("replay", 0) > 0) == (ratio > 0)
     assert forgetting[1.0] > forgetting[0.0] + 0.1, forgetting
+
+
+def cli(*args: str):
+    app = typer.Typer()
+    app.command()(update_command)
+    return runner.invoke(app, list(args))
+
+
+def corrections(path, *answers, model=NAME):
+    """A feedback file with one correction of each (text, label) in ``answers``, stored under ``model``."""
+    from domaintune.serve.feedback import FeedbackStore, Response
+
+    store = FeedbackStore(path)
+    for i, (text, label) in enumerate(answers):
+        store.add(f"r-{i}", Response(model, text, "billing"), correction=label, reviewer="ana")
+    store.close()
+    return path
+
+
+def test_feedback_stored_under_the_served_name_is_pointed_out_and_can_be_read(registry_url, tmp_path):
+    # Servers used to store feedback under the name they served a model as ("triage"), not its
+    # registry name: an update looking under the registry name found nothing and said nothing.
+    db = corrections(tmp_path / "feedback.db", *[(f"where is the courier with my parcel {w}", "shipping")
+                                                 for w in ("today", "again", "please")], model="triage")
+    common = ("--feedback", "--feedback-db", str(db), "--dry-run", "--registry-url", registry_url)
+
+    lost = cli(NAME, *common)
+
+    assert lost.exit_code == 2, lost.output
+    assert f"no feedback for '{NAME}'" in lost.output and "triage (3)" in lost.output
+    assert "--feedback-name triage" in lost.output
+    assert "or --feedback" not in lost.output  # it was given
+
+    found = cli(NAME, *common, "--feedback-name", "triage", "--json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["data"]["train_rows"]["feedback"] >= 1
+
+
+def test_the_default_gate_on_new_rows_accepts_a_candidate_as_good_as_production():
+    from domaintune.evaluate.gates import check_gate
+    from domaintune.update.settings import default_gates
+
+    # Production already right on every new row: no candidate can do better, so "better" rejected all.
+    perfect = {"base": {"accuracy": 1.0}, "tuned": {"accuracy": 1.0}, "intervals": {}}
+    assert check_gate(default_gates("classification", 0.02)[1], perfect).passed
+    assert not check_gate(default_gates("classification", 0.02)[1],
+                          {**perfect, "tuned": {"accuracy": 0.9}}).passed
+    same = {"base": {"perplexity": 3.0}, "tuned": {"perplexity": 3.0}, "intervals": {}}
+    assert check_gate(default_gates("pretrain", 0.02)[1], same).passed
+    assert not check_gate(default_gates("pretrain", 0.02)[1], {**same, "tuned": {"perplexity": 3.1}}).passed
+
+
+def test_a_gate_failed_by_a_wide_interval_says_the_evidence_is_insufficient():
+    from domaintune.update.settings import default_gates
+    from domaintune.update.updater import update_gate
+
+    earlier = default_gates("classification", 0.02)[0]
+    wide = {"eval_rows": 12, "base": {"accuracy": 0.75}, "tuned": {"accuracy": 0.75},
+            "intervals": {"accuracy": {"difference": [-0.0833, 0.0833]}}}
+    gate = update_gate(earlier, wide)
+    assert not gate["passed"]
+    assert "insufficient evidence, not a regression" in gate["failing"][0] and "12 rows" in gate["failing"][0]
+
+    dropped = {**wide, "tuned": {"accuracy": 0.7}, "intervals": {"accuracy": {"difference": [-0.15, -0.01]}}}
+    assert "insufficient" not in update_gate(earlier, dropped)["failing"][0]  # a measured drop is one
+
+
+def test_one_correction_replays_every_label_and_errors_name_the_inputs(registry_url, tmp_path):
+    # One row at replay_ratio 0.5 gave no replay at all: training lacked labels that production's
+    # eval set has, and the update stopped naming its own temporary eval file.
+    db = corrections(tmp_path / "feedback.db", ("where is the courier with my parcel tracking urgent", "shipping"))
+
+    result = update(NAME, feedback=True, feedback_db=db, registry_url=registry_url, output_dir=tmp_path / "runs",
+                    promote=False, gate="tuned.accuracy >= 0", gate_new="tuned.accuracy >= 0")
+
+    trained = read_jsonl(result.run_dir / "data" / "train.jsonl")
+    replayed = [r["label"] for r in trained if r["source"] == "replay"]
+    assert all(replayed.count(label) >= 3 for label in OLD), replayed
+    assert result.assembly.train_rows["feedback"] == 1
+
+    db2 = corrections(tmp_path / "two.db", ("my refund for the charge is late", "billing"),
+                      ("the warranty manual is broken", "product"))
+    with pytest.raises(DataError) as caught:  # no replay asked for: the labels are missing, said so
+        update(NAME, feedback=True, feedback_db=db2, registry_url=registry_url, replay_ratio=0, dry_run=True)
+    text = str(caught.value)
+    assert "never occur in training" in text and f"{NAME}:1 " in text and "replay_ratio" in text
+    assert "eval.jsonl" not in text and "train.jsonl" not in text  # the update's own files, already deleted
+
+
+def test_no_production_and_unknown_models_are_told_apart(registry_url, tmp_path):
+    unknown = cli("no-such-model", "--dry-run", "--registry-url", registry_url)
+    assert unknown.exit_code == 2
+    assert "no model named 'no-such-model' is registered" in unknown.output and NAME in unknown.output
+
+    with Registry(registry_url) as registry:
+        registry.promote(NAME, 1, "archived", reason="test")
+    none = cli(NAME, "--dry-run", "--registry-url", registry_url)
+    assert none.exit_code == 2 and "no production version" in none.output
+    assert f"registry promote {NAME}:1 --to staging" in none.output
+    assert f"registry promote {NAME}:1 --to production" in none.output
+
+
+def test_data_errors_name_the_data_file_and_the_column_production_reads(registry_url, tmp_path):
+    wrong = write_csv(tmp_path / "renamed.csv", [{"body": "my parcel is late", "label": "shipping"}] * 4)
+    columns = cli(NAME, "--data", str(wrong), "--dry-run", "--registry-url", registry_url)
+    assert columns.exit_code == 2
+    assert "renamed.csv" in columns.output and "no column 'text'" in columns.output
+    assert "data.text_field" in columns.output and "needs that column" in columns.output
+    assert "train.jsonl" not in columns.output
+
+    missing = cli(NAME, "--data", str(tmp_path / "nowhere.csv"), "--dry-run", "--registry-url", registry_url)
+    assert missing.exit_code == 2
+    assert "nowhere.csv" in missing.output and "--data" in missing.output and "does not exist" in missing.output
+    assert "relative to the recipe" not in missing.output
+
+
+def test_a_candidate_the_registry_policy_refuses_is_rejected_like_a_failed_gate():
+    """The gates compare candidate and production; the policy also holds it to its own base."""
+    from types import SimpleNamespace
+
+    from domaintune.registry.errors import PromotionRefused
+    from domaintune.update.updater import UpdateResult, _decide
+
+    class Registry:
+        def __init__(self):
+            self.moves = []
+
+        def promote(self, name, version, to, **kwargs):
+            if to == "staging":
+                raise PromotionRefused(f"{name}:{version}", to, ["worse than its base model: accuracy ..."])
+            self.moves.append((to, kwargs.get("reason")))
+
+    registry = Registry()
+    result = UpdateResult("m", "classification", "m:1", assembly=None, settings=None,
+                          comparisons=[{"eval_set": "m:1", "gates": [{"passed": True, "failing": []}]}])
+    assert result.passed
+    stage = _decide(registry, SimpleNamespace(name="m", version=2), result, promote=True)
+    assert stage == "archived" and not result.passed
+    assert result.failing == ["registry policy: worse than its base model: accuracy ..."]
+    assert registry.moves == [("archived", "rejected by the registry policy: worse than its base model: accuracy ...")]

@@ -10,10 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import colour_rows, colours_in_production, write_jsonl
+import typer
+from conftest import colour_rows, colours_in_production, in_production, write_jsonl, write_recipe
+from typer.testing import CliRunner
 
+from domaintune.cli.update import update as update_command
 from domaintune.evaluate.gates import check_gate
 from domaintune.registry.store import Registry
+from domaintune.serve.feedback import FeedbackStore, Response, chat_prompt
 from domaintune.update.updater import update
 
 NAME = "tiny-colours"
@@ -82,8 +86,10 @@ def test_an_sft_update_learns_a_new_answer(registry_url, production, tmp_path):
 
 
 def test_an_sft_update_that_learns_nothing_starts_from_production_and_is_rejected(registry_url, production, tmp_path):
+    # The default gate on new rows is "no worse", which a candidate equal to production meets:
+    # asking for better is what rejects one that learned nothing.
     result = update(NAME, [new_rows(tmp_path)], registry_url=registry_url, output_dir=tmp_path / "updates",
-                    learning_rate=1e-9, epochs=1)
+                    learning_rate=1e-9, epochs=1, gate_new="difference.exact_match > 0")
 
     record = json.loads((result.run_dir / "update.json").read_text())
     earlier, new = comparisons(record)[f"{NAME}:1"], comparisons(record)["new rows"]
@@ -96,3 +102,38 @@ def test_an_sft_update_that_learns_nothing_starts_from_production_and_is_rejecte
     assert [g["passed"] for g in earlier["gates"]] == [True]  # nothing forgotten,
     assert [g["passed"] for g in new["gates"]] == [False]  # but nothing learned either
     assert result.stage == "archived"
+
+
+def test_feedback_that_repeats_production_eval_rows_stops_before_training(tiny_llama, tmp_path_factory, tmp_path):
+    # The corrections were all dropped as repeats of production's frozen eval rows: the dry run
+    # showed no training rows and passed, the real run trained on an empty file and failed late,
+    # leaving the update's folder behind.
+    root = tmp_path_factory.mktemp("deduplicated")
+    write_jsonl(root / "data" / "colours.jsonl", colour_rows())
+    recipe = write_recipe(root / "recipe.yaml", {
+        "name": "unique-colours", "task": "sft", "base_model": str(tiny_llama), "method": "lora",
+        "data": {"train": "data/colours.jsonl", "eval_fraction": 0.25, "dedup": {"near": False}},
+        "training": {"epochs": 1, "learning_rate": 1e-2, "batch_size": 8, "max_seq_length": 64},
+        "evaluate": {"max_new_tokens": 4},
+    })
+    run_dir, db = in_production(recipe, "unique-colours", root)
+    frozen = [json.loads(line) for line in (run_dir / "data" / "eval.jsonl").read_text().splitlines()]
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for i, row in enumerate(frozen):
+        store.add(f"r-{i}", Response("unique-colours", chat_prompt(row["messages"][:-1]), "blue ."),
+                  correction=row["messages"][-1]["content"])
+    store.close()
+    app = typer.Typer()
+    app.command()(update_command)
+    args = ["unique-colours", "--feedback", "--feedback-db", str(tmp_path / "feedback.db"),
+            "--registry-url", f"sqlite:///{db}", "--output-dir", str(tmp_path / "runs")]
+
+    for extra in (["--dry-run"], []):
+        outcome = CliRunner().invoke(app, args + extra)
+        assert outcome.exit_code == 2, outcome.output
+        assert "nothing new to train on" in outcome.output
+        assert f"{len(frozen)} feedback record" in outcome.output or "one feedback record" in outcome.output
+        assert "earlier version" in outcome.output and "or --feedback" not in outcome.output
+    assert not (tmp_path / "runs").exists()
+    with Registry(f"sqlite:///{db}") as registry:
+        assert [v.version for v in registry.list("unique-colours")] == [1]

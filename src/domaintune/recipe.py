@@ -177,7 +177,7 @@ class EvaluateConfig(_Section):
         True, description="sft/pretrain: base vs tuned on the shipped general-ability set (general-text perplexity, general questions).")
     forgetting_items: int = Field(
         12, ge=1, le=40, description="forgetting: general paragraphs and general questions used (of the 40 of each shipped; "
-                                     "each adds about 1.5 s per model for a 135M model on 2 CPU cores).")
+                                     "each adds about 0.3 s per model for a 135M model on 2 CPU cores).")
     privacy_audit: bool = Field(
         False, description="sft/pretrain: plant canaries in the training rows and measure their exposure, and probe for verbatim "
                            "regurgitation of training rows. Recommended for regulated data.")
@@ -215,7 +215,7 @@ class UpdateConfig(_Section):
         None, description="Condition on every earlier eval set (base. = production, tuned. = candidate); "
                           "default: the 95% interval of the paired difference stays above -tolerance.")
     gate_new: str | None = Field(
-        None, description="Condition on the new eval rows; default: the candidate beats production.")
+        None, description="Condition on the new eval rows; default: the candidate is no worse than production.")
     seed: int | None = Field(None, description="Seeds the replay sample and the split of new rows; defaults to training.seed.")
     preference: bool = Field(
         False, description="sft: corrections of answers rated bad (1 or 2) also train as preference pairs "

@@ -21,10 +21,11 @@ def update(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="A file of new rows in the recipe's format (repeatable).")] = None,
     feedback: Annotated[bool, typer.Option("--feedback", help="Add the corrections captured by the server for this model.")] = False,
     feedback_db: Annotated[Optional[Path], typer.Option("--feedback-db", help="The server's feedback store (default: feedback.db in $DOMAINTUNE_HOME).")] = None,
+    feedback_name: Annotated[Optional[list[str]], typer.Option("--feedback-name", help="With --feedback, also the feedback stored under this name: the name the server served the model as, where the feedback file was written before the server recorded registry names (repeatable).")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only feedback given on or after this date (ISO, e.g. 2025-06-01); with --watch, where its first batch starts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be trained on (by source, duplicates, personal data) and stop.")] = False,
     gate: Annotated[Optional[str], typer.Option("--gate", help="Condition on every earlier eval set; base. is production, tuned. the candidate (default: difference.\\<metric>.low >= -tolerance).")] = None,
-    gate_new: Annotated[Optional[str], typer.Option("--gate-new", help="Condition on the new eval rows (default: difference.\\<metric> > 0).")] = None,
+    gate_new: Annotated[Optional[str], typer.Option("--gate-new", help="Condition on the new eval rows (default: difference.\\<metric> >= 0, no worse than production).")] = None,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest drop the default gate accepts on an earlier eval set (update.tolerance).")] = None,
     replay_ratio: Annotated[Optional[float], typer.Option("--replay-ratio", help="Earlier training rows mixed in, per new training row (update.replay_ratio).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="update.learning_rate (default: half of production's).")] = None,
@@ -58,9 +59,13 @@ def update(
 
     progress = Console(stderr=True, quiet=quiet or as_json)
     options = dict(gate=gate, gate_new=gate_new, promote=promote, replay_ratio=replay_ratio, learning_rate=learning_rate,
-                   epochs=epochs, tolerance=tolerance, preference=preference, beta=beta, output_dir=output_dir)
+                   epochs=epochs, tolerance=tolerance, preference=preference, beta=beta, output_dir=output_dir,
+                   feedback_names=feedback_name or [])
     try:
         _check_watch_flags(watch, data, dry_run, min_rows, interval, once)
+        if feedback_name and not feedback:
+            raise DomaintuneError("--feedback-name only makes sense with --feedback", where="--feedback-name",
+                                  hint="add --feedback")
         if watch is not None:
             return _watch(name, watch, min_rows=100 if min_rows is None else min_rows,
                           interval=30 if interval is None else interval, once=once, as_json=as_json, progress=progress, feedback=feedback, feedback_db=feedback_db,
@@ -153,7 +158,7 @@ def _print_result(result) -> None:
                       "[green]held[/]" if held else "[red]failed[/]")
     out.print(table)
     for clause in result.failing:
-        err.print(f"[bold red]gate failed:[/] {clause}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]gate failed:[/] {escape(clause)}", highlight=False, soft_wrap=True)
     verdict = {"production": "promoted to production", "staging": "left in staging",
                "archived": "rejected (archived; production unchanged)"}[result.stage]
     out.print(f"{result.registered}: {verdict}")

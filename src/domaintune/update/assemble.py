@@ -13,12 +13,19 @@ training. Replay rows are earlier training rows on purpose and are exempt.
 
 A preference pair is made only from a feedback row those steps kept: its chosen chat is that row
 as processed, and its rejected answer goes through the same per-row steps (cleaning, redaction).
+
+The replay sample of a classifier keeps at least ``REPLAY_FLOOR`` earlier rows of every label it
+knows, so that an update from a handful of rows never drops a class. An update with no new or
+feedback row left to train on stops with the reasons, before anything is trained; errors name
+where each row came from (a --data file's line, a feedback record, an earlier version's row),
+never the assembled files.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +36,12 @@ from rich.console import Console
 
 from domaintune.catalog import CATALOG
 from domaintune.data.dedup import deduplicate
-from domaintune.data.examples import ChatExample
-from domaintune.data.prepare import PreparedData, prepare
+from domaintune.data.examples import SFT_SHAPES, ChatExample
+from domaintune.data.prepare import prepare
 from domaintune.data.readers import Row, read_rows
 from domaintune.data.split import holdout_split
-from domaintune.data.steps import Example, RowSteps, key_text, make_redactor
-from domaintune.errors import DataError
+from domaintune.data.steps import Dropped, Example, RowSteps, key_text, make_redactor
+from domaintune.errors import DataError, DomaintuneError
 from domaintune.recipe import Recipe, load_recipe
 from domaintune.update.feedback_rows import FeedbackRows
 from domaintune.update.settings import UpdateConfig
@@ -95,45 +102,244 @@ def assemble(recipe: dict[str, Any], line: list[Ancestor], data_files: list[Path
     spec = Recipe.model_validate({k: v for k, v in recipe.items() if k in Recipe.model_fields})
     seed = settings.seed if settings.seed is not None else spec.training.seed
     fields = _FieldNames(spec)
+    production = line[-1]
     new = [{**r.fields, "source": "new", "origin": r.where}
-           for path in data_files for r in read_rows(path)]
+           for path in data_files for r in _read_new(path, spec, production.ref)]
     if not new and not feedback.rows:
-        raise DataError("nothing new to train on", hint="pass --data FILE with new rows, or --feedback")
+        raise _nothing_new(production.ref, data_files, 0, feedback, Counter(), {})
     key = (lambda r: r.get(spec.data.label_field)) if spec.task == "classification" else None
     new_train, new_eval = holdout_split(new, spec.data.split.eval_fraction, seed, key=key) if new else ([], [])
     learned = new_train + [fields.from_processed(r) for r in feedback.rows]
 
-    pool = _earlier_rows(line, "train")
-    replay = random.Random(seed).sample(pool, min(len(pool), round(settings.replay_ratio * len(learned))))
-    train = learned + [{**fields.from_processed(r), "source": "replay"} for r in replay]
-    evaluation = new_eval or [{**fields.from_processed(r), "source": "eval"} for r in _rows(line[-1], "eval")]
-
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(workdir / "train.jsonl", train)
-    _write_jsonl(workdir / "eval.jsonl", evaluation)
     path = workdir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_update_recipe(recipe, line[-1], settings), sort_keys=False, allow_unicode=True),
+    path.write_text(yaml.safe_dump(_update_recipe(recipe, production, settings), sort_keys=False, allow_unicode=True),
                     encoding="utf-8")
     update_spec = load_recipe(path)
-    prepared = prepare(update_spec, workdir, console)
 
+    # Before the data steps run on the update's files: a new row that repeats one of production's
+    # eval rows would otherwise have that eval row dropped as a leak, and an update whose new
+    # rows all repeat earlier ones must stop here, not after an empty training file.
     with console.status("update: looking for rows that earlier versions already saw"):
-        repeated = _seen_before(prepared, line, spec)
-    if repeated:
-        _write_jsonl(workdir / "train.jsonl", [r for r in train if r["origin"] not in repeated])
-        _write_jsonl(workdir / "eval.jsonl", [r for r in evaluation if r["origin"] not in repeated])
-    kept = [e for e in prepared.train if e.meta["origin"] not in repeated]
+        fresh, dropped = _through_steps(learned, update_spec, "train")
+        fresh_eval, _ = _through_steps(new_eval, update_spec, "eval")
+        repeated = _seen_before([*fresh, *fresh_eval], line, spec)
+    learning = [r for r in learned if r["origin"] not in repeated and r["origin"] not in dropped]
+    if not learning:
+        reasons, examples = _left_out(learned, new_eval, repeated, dropped, feedback)
+        raise _nothing_new(production.ref, data_files, len(new), feedback, reasons, examples)
+    new_eval = [r for r in new_eval if r["origin"] not in repeated]
+
+    pool = _earlier_rows(line, "train")
+    replay = _replay(pool, round(settings.replay_ratio * len(learning)), seed,
+                     stratify=spec.task == "classification" and settings.replay_ratio > 0)
+    train = [r for r in learned if r["origin"] not in repeated]
+    train += [{**fields.from_processed(r), "source": "replay"} for r in replay]
+    evaluation = new_eval or [{**fields.from_processed(r), "source": "eval"} for r in _rows(production, "eval")]
+    _write_jsonl(workdir / "train.jsonl", train)
+    _write_jsonl(workdir / "eval.jsonl", evaluation)
+    try:
+        prepared = prepare(update_spec, workdir, console)
+    except DomaintuneError as exc:
+        raise _user_facing(exc, workdir, {"train.jsonl": train, "eval.jsonl": evaluation}, bool(new_eval)) from None
+
+    kept = list(prepared.train)
+    if not any(_kind(e.meta["source"]) in ("new", "feedback") for e in kept):
+        # Replay alone would retrain production on what it knows and call it an update.
+        steps = {d.fields.get("origin"): d for d in prepared.dropped if isinstance(d.fields, dict)}
+        reasons, examples = _left_out(learned, new_eval, repeated, {**dropped, **steps}, feedback,
+                                      kept={e.meta["origin"] for e in kept})
+        raise _nothing_new(production.ref, data_files, len(new), feedback, reasons, examples)
     pairs = _pairs(kept, feedback, update_spec)
     if pairs:
         _write_jsonl(workdir / "pairs.jsonl", pairs)
     return Assembly(
         recipe=path, train_rows=Counter(_kind(e.meta["source"]) for e in kept),
-        eval_rows=sum(e.meta["origin"] not in repeated for e in prepared.eval), new_eval=bool(new_eval),
+        eval_rows=len(prepared.eval), new_eval=bool(new_eval),
         earlier_duplicates=sorted(repeated), data_dropped=len(prepared.dropped), pii=prepared.card["pii"]["found"],
         feedback_ids=[e.meta["source"].removeprefix("feedback:") for e in kept if _kind(e.meta["source"]) == "feedback"],
         feedback_skipped=dict(feedback.skipped), replay_pool=len(pool),
         pairs=workdir / "pairs.jsonl" if pairs else None,
         pair_ids=[p["source"].removeprefix("feedback:") for p in pairs])
+
+
+REPLAY_FLOOR = 3  # classification: earlier rows of each label replayed at least, however few the new rows
+
+
+def _replay(pool: list[dict[str, Any]], size: int, seed: int, *, stratify: bool) -> list[dict[str, Any]]:
+    """A seeded sample of ``size`` rows of ``pool``; with ``stratify`` topped up to at least
+    ``REPLAY_FLOOR`` rows of every label in the pool (all of a rarer label's).
+
+    A label that no training row of the update has is a label the candidate no longer knows:
+    every frozen eval row of it becomes an error (and production's eval set, used when there are
+    no new rows to hold out, is refused outright). A uniform sample of a few rows, as one
+    correction gives at replay_ratio 0.5, misses most labels."""
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(pool)), min(len(pool), size))
+    if stratify:
+        have = Counter(pool[i].get("label") for i in chosen)
+        taken = set(chosen)
+        for label in sorted({r.get("label") for r in pool} - {None}, key=str):
+            short = REPLAY_FLOOR - have[label]
+            if short > 0:
+                spare = [i for i, r in enumerate(pool) if r.get("label") == label and i not in taken]
+                extra = rng.sample(spare, min(short, len(spare)))
+                chosen += extra
+                taken.update(extra)
+    return [pool[i] for i in chosen]
+
+
+def _read_new(path: Path, spec: Recipe, ref: str) -> list[Row]:
+    """The rows of a --data file, refused whole when it lacks the columns production's recipe
+    reads: the update's recipe is production's, so its column names are the ones that count."""
+    if not path.exists():
+        raise DataError(f"no such file: {path}", where="--data",
+                        hint=f"the path given to --data does not exist (a relative path is read from {Path.cwd()})")
+    if not path.is_file():
+        raise DataError(f"{path} is a folder, not a file of rows", where="--data",
+                        hint="give --data a file (repeat --data for several); --watch takes a folder")
+    rows = read_rows(path)
+    present = list(rows[0].fields)
+    if spec.task == "sft":
+        if not ("messages" in present or {"prompt", "completion"} <= set(present)
+                or {"instruction", "output"} <= set(present)):
+            raise DataError(f"the columns are {', '.join(map(str, present))}, not those of an sft row",
+                            where=str(path),
+                            hint=f"{ref} is an sft model: each row of a --data file needs one of: "
+                                 + "; ".join(SFT_SHAPES))
+        return rows
+    d = spec.data
+    needed = {d.text_field: ("text", "text_field")}
+    if spec.task == "classification":
+        needed[d.label_field] = ("label", "label_field")
+    for column, (role, key) in needed.items():
+        if column not in present:
+            raise DataError(f"no column {column!r}; the columns are: {', '.join(map(str, present))}",
+                            where=str(path),
+                            hint=f"production's recipe ({ref}) reads the {role} from column {column!r} "
+                                 f"(data.{key}): the --data file needs that column; rename its {role} column "
+                                 f"to {column!r}")
+    return rows
+
+
+_LABELS_UNSEEN = "eval rows have labels that never occur in training"
+
+
+def _user_facing(exc: DomaintuneError, workdir: Path, files: dict[str, list[dict[str, Any]]],
+                 new_eval: bool) -> DomaintuneError:
+    """``exc`` from the data steps, naming each row where it came from (a --data file's line, a
+    feedback record, an earlier version's row) instead of the update's own files, which the user
+    never wrote and which a dry run has already deleted."""
+    pattern = re.compile(re.escape(str(workdir)) + r"/(train|eval)\.jsonl(?::(\d+))?")
+
+    def place(match: re.Match) -> str:
+        rows, line = files[f"{match[1]}.jsonl"], match[2]
+        if line is not None and 0 < int(line) <= len(rows):
+            return str(rows[int(line) - 1].get("origin") or f"row {line}")
+        return "the update's training rows" if match[1] == "train" else "the update's eval rows"
+
+    hint = exc.hint
+    if _LABELS_UNSEEN in exc.message:
+        hint = ("add rows with those labels to the --data files: a label needs rows to train on as well as "
+                "held-out ones" if new_eval else
+                "production's eval set has labels that none of the update's training rows have: add rows with "
+                "them to --data, or set update.replay_ratio (--replay-ratio) above 0 so that earlier rows of "
+                "every label are replayed")
+    return type(exc)(pattern.sub(place, exc.message), where=pattern.sub(place, exc.where) if exc.where else None,
+                     hint=pattern.sub(place, hint) if hint else None)
+
+
+def _left_out(learned: list[dict[str, Any]], new_eval: list[dict[str, Any]], repeated: dict[str, str],
+              dropped: dict[str, Dropped], feedback: FeedbackRows, kept: set[str] = frozenset()
+              ) -> tuple[Counter[tuple[str, str]], dict[tuple[str, str], str]]:
+    """Why each new row and feedback record is not among the training rows (``kept``, by origin):
+    counts by (kind, reason), and one example place for each."""
+    reasons: Counter[tuple[str, str]] = Counter()
+    examples: dict[tuple[str, str], str] = {}
+    for row in learned:
+        origin = row["origin"]
+        if origin in kept:
+            continue
+        if origin in repeated:
+            why = ("already trained or evaluated on by an earlier version", f"{origin} repeats {repeated[origin]}")
+        elif origin in dropped:
+            why = (f"dropped by the data steps ({dropped[origin].step})", f"{origin}: {dropped[origin].reason}")
+        else:
+            why = ("left out by the data steps", origin)
+        key = (_kind(row["source"]), why[0])
+        reasons[key] += 1
+        examples.setdefault(key, why[1])
+    if new_eval:
+        reasons[("new", "held out to evaluate on")] += len(new_eval)
+    for why, n in feedback.skipped.items():
+        reasons[("feedback", why)] += n
+    return reasons, examples
+
+
+def _through_steps(rows: list[dict[str, Any]], spec: Recipe, role: str) -> tuple[list[Example], dict[str, Dropped]]:
+    """``rows`` through the per-row data steps of ``spec`` (as ``role``): the examples, each with
+    its ``origin`` and ``source`` in ``meta``, and the rows dropped, by origin."""
+    steps = RowSteps(spec, role, make_redactor(spec))
+    examples, dropped = [], {}
+    for row in rows:
+        outcome = steps.run(Row(row, row["origin"]))
+        if outcome.example is not None:
+            examples.append(outcome.example)
+        elif outcome.dropped is not None:
+            dropped[row["origin"]] = outcome.dropped
+    return examples, dropped
+
+
+def _nothing_new(ref: str, data_files: list[Path], new_rows: int, feedback: FeedbackRows,
+                 reasons: Counter[tuple[str, str]], examples: dict[tuple[str, str], str]) -> DataError:
+    """The error of an update with no new row and no correction to train on, saying what was
+    looked at and why none of it is usable, with a fix that is not the option already given."""
+    name = ref.rsplit(":", 1)[0]
+
+    def why(kind: str) -> str:
+        found = [(r, n) for (k, r), n in sorted(reasons.items()) if k == kind]
+        listed = ", ".join(f"{n} {r}" for r, n in found)
+        example = next((examples[(kind, r)] for r, _ in found if (kind, r) in examples), None)
+        return listed + (f" (e.g. {example})" if example else "")
+
+    parts: list[str] = []
+    fixes: list[str] = []
+    if data_files:
+        files = ", ".join(str(p) for p in data_files)
+        parts.append((f"the {new_rows} rows of {files} were all left out: " if new_rows > 1 else
+                      f"the one row of {files} was left out: ") + why("new"))
+    if feedback.asked:
+        if feedback.records:
+            parts.append((f"the {feedback.records} feedback records for {name!r} in {feedback.store} were all "
+                          if feedback.records > 1 else
+                          f"the one feedback record for {name!r} in {feedback.store} was ")
+                         + f"left out: {why('feedback')}")
+        elif feedback.elsewhere:
+            listed = ", ".join(f"{model} ({n})" for model, n in feedback.elsewhere.items())
+            part = f"no feedback for {name!r}; the feedback file {feedback.store} has records for: {listed}"
+            if feedback.unregistered:
+                names = feedback.unregistered
+                part += (f" — {', '.join(names)} {'is' if len(names) == 1 else 'are'} no registered model's name: "
+                         "records stored before the server recorded registry names carry the name the server "
+                         "was started with")
+                fixes.append(f"if {' or '.join(names)} is {name} served under another name, add "
+                             + " ".join(f"--feedback-name {n}" for n in names))
+            parts.append(part)
+        else:
+            parts.append(f"the feedback file {feedback.store} has no records for {name!r}")
+    if any(r.startswith("already") or r.startswith("used by") for _, r in reasons):
+        fixes.append("an update never trains again on rows an earlier version trained or was evaluated on: "
+                     "bring rows or corrections it has not seen")
+    if any(r.startswith("dropped by") or r.startswith("left out by") for _, r in reasons):
+        fixes.append("fix the rows the data steps dropped (production's recipe's steps: validation, cleaning, "
+                     "deduplication)")
+    if not data_files:
+        fixes.append("pass --data FILE with new rows" + ("" if feedback.asked else ", or --feedback for the "
+                                                         "corrections the server captured"))
+    elif not feedback.asked:
+        fixes.append("add --feedback for the corrections the server captured")
+    message = "nothing new to train on" + (": " + "; ".join(parts) if parts else "")
+    return DataError(message, hint="; ".join(fixes or ["pass --data files with more new rows"]))
 
 
 def _pairs(kept: list[Example], feedback: FeedbackRows, spec: Recipe) -> list[dict[str, Any]]:
@@ -208,14 +414,16 @@ def _earlier_rows(line: list[Ancestor], part: str) -> list[dict[str, Any]]:
     return out
 
 
-def _seen_before(prepared: PreparedData, line: list[Ancestor], spec: Recipe) -> set[str]:
-    """Origins of the new and feedback rows (train and eval) that duplicate any row, train or eval,
-    of the versions in ``line``."""
-    earlier = [_text(r) for part in ("train", "eval") for ancestor in line for r in _rows(ancestor, part)]
-    fresh = [e for e in [*prepared.train, *prepared.eval] if _kind(e.meta["source"]) in ("new", "feedback")]
+def _seen_before(fresh: list[Example], line: list[Ancestor], spec: Recipe) -> dict[str, str]:
+    """Origins of the ``fresh`` rows (new and feedback, processed) that duplicate any row, train or
+    eval, of the versions in ``line``, each with the place of the earlier row it repeats."""
+    earlier = [(r, part) for part in ("train", "eval") for ancestor in line for r in _rows(ancestor, part)]
     d = spec.data.dedup
-    result = deduplicate(earlier, [key_text(e) for e in fresh], exact=d.exact, near=d.near, threshold=d.threshold)
-    return {fresh[i].meta["origin"] for i in result.eval_leaks}
+    result = deduplicate([_text(r) for r, _ in earlier], [key_text(e) for e in fresh], exact=d.exact, near=d.near,
+                         threshold=d.threshold)
+    return {fresh[i].meta["origin"]: f"{earlier[first][0]['where']}, a{'n' * (earlier[first][1] == 'eval')} "
+                                     f"{earlier[first][1]} row"
+            for i, (first, _) in result.eval_leaks.items()}
 
 
 def _kind(source: str) -> str:

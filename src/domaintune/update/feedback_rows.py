@@ -26,11 +26,22 @@ BAD_RATING = 2  # of 1 (worst) to 5: the served answer was wrong, not merely imp
 
 @dataclass
 class FeedbackRows:
-    """The rows made from feedback, and why the other records were not used."""
+    """The rows made from feedback, and why the other records were not used.
+
+    The last fields say where the records came from, so that an update with nothing to train on
+    can say why: whether feedback was asked for at all, the file read, how many records it had
+    about the model, and (only when it had none) the other model names it has records under, with
+    their counts, and which of those no registered model has: feedback written under the name a
+    model was served as is lost to an update that looks under the registry name."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     rejected: dict[str, str] = field(default_factory=dict)  # feedback id -> the served answer of a pair
+    asked: bool = False
+    store: str = ""
+    records: int = 0
+    elsewhere: dict[str, int] = field(default_factory=dict)
+    unregistered: list[str] = field(default_factory=list)
 
 
 def parse_since(text: str) -> datetime:
@@ -65,7 +76,8 @@ def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
             body = ({"text": record.prompt, "label": record.correction} if task == "classification" else
                     {"messages": [*_messages(record.prompt), {"role": "assistant", "content": record.correction}]})
             out.rows.append({**body, "source": f"feedback:{record.id}", "reviewer": record.reviewer or "",
-                             "origin": f"feedback {record.response_id}"})
+                             # the id: a response can be corrected more than once
+                             "origin": f"feedback {record.id} (response {record.response_id})"})
             if preference and task == "sft" and _is_pair(record):
                 out.rejected[record.id] = record.answer
     return out

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from domaintune.evaluate.metrics import HEADLINE
+from domaintune.update.assemble import REPLAY_FLOOR
 
 if TYPE_CHECKING:
     from domaintune.update.updater import UpdateResult
@@ -25,7 +26,9 @@ def write_update_report(path: Path, result: UpdateResult) -> None:
         f"- Training rows by source: {sources}; {a.eval_rows} new held-out rows"
         + ("" if a.new_eval else " (none new: production's eval set was used)") + ".",
         f"- Replay: {a.train_rows.get('replay', 0)} of {a.replay_pool} earlier training rows "
-        f"(update.replay_ratio {s.replay_ratio:g}).",
+        f"(update.replay_ratio {s.replay_ratio:g}"
+        + (f", and at least {REPLAY_FLOOR} of each label" if result.task == "classification" and s.replay_ratio > 0
+           else "") + ").",
         f"- Dropped: {len(a.earlier_duplicates)} rows that earlier versions trained or were evaluated on; "
         f"{a.data_dropped} by the data steps.",
         f"- Personal data found: {sum(a.pii.values())}" + (f" ({_counts(a.pii)})" if a.pii else "") + ".",

@@ -36,8 +36,10 @@ def default_gates(task: str, tolerance: float) -> tuple[str, str]:
 
     Earlier sets: the lower end of the paired 95% interval of candidate − production must stay
     above −tolerance (perplexity, which has no per-row interval: within ``tolerance`` relative).
-    New rows: the candidate must do better than production."""
+    New rows: the candidate must be no worse than production. Not "better": once production is
+    already right on the new rows (feedback that confirms it, rows like those it learned) no
+    candidate could pass, however good."""
     metric = HEADLINE[task][0]
     if metric in LOWER_IS_BETTER:
-        return (f"tuned.{metric} <= base.{metric} * {1 + tolerance:g}", f"tuned.{metric} < base.{metric}")
-    return (f"difference.{metric}.low >= -{tolerance:g}", f"difference.{metric} > 0")
+        return (f"tuned.{metric} <= base.{metric} * {1 + tolerance:g}", f"tuned.{metric} <= base.{metric}")
+    return (f"difference.{metric}.low >= -{tolerance:g}", f"difference.{metric} >= 0")

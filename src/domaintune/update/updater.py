@@ -25,8 +25,11 @@ reviewers, reward accuracy before and after), and ``update.json`` lists ``pair_i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from domaintune.errors import DataError
 from domaintune.evaluate.gates import check_gate, validate_gate
 from domaintune.registry.errors import PromotionRefused, RegistryError
 from domaintune.registry.store import ModelVersion, Registry
@@ -42,6 +46,7 @@ from domaintune.update.feedback_rows import FeedbackRows, feedback_rows, parse_s
 from domaintune.update.settings import UpdateConfig, default_gates, update_config
 
 if TYPE_CHECKING:
+    from domaintune.serve.feedback import FeedbackRecord, FeedbackStore
     from domaintune.train.preference import PreferencePhase
 
 
@@ -58,11 +63,14 @@ class UpdateResult:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     registered: str | None = None
     stage: str | None = None  # production, staging, or archived (rejected)
+    refused: list[str] = field(default_factory=list)  # the registry policy's reasons, when it refused staging
 
     @property
     def failing(self) -> list[str]:
-        """Every failing gate clause, prefixed with the eval set it failed on."""
-        return [f"{c['eval_set']}: {clause}" for c in self.comparisons for g in c["gates"] for clause in g["failing"]]
+        """Every failing gate clause, prefixed with the eval set it failed on, and the registry
+        policy's refusals."""
+        return [f"{c['eval_set']}: {clause}" for c in self.comparisons for g in c["gates"] for clause in g["failing"]] \
+            + [f"registry policy: {reason}" for reason in self.refused]
 
     @property
     def passed(self) -> bool:
@@ -76,13 +84,14 @@ class UpdateResult:
 
 
 def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, feedback_db: str | Path | None = None,
-           since: str | None = None, dry_run: bool = False, gate: str | None = None, gate_new: str | None = None,
-           promote: bool = True, replay_ratio: float | None = None, learning_rate: float | None = None,
-           epochs: float | None = None, tolerance: float | None = None, preference: bool | None = None,
-           beta: float | None = None, registry_url: str | None = None, output_dir: str | Path | None = None,
+           feedback_names: Sequence[str] = (), since: str | None = None, dry_run: bool = False,
+           gate: str | None = None, gate_new: str | None = None, promote: bool = True,
+           replay_ratio: float | None = None, learning_rate: float | None = None, epochs: float | None = None,
+           tolerance: float | None = None, preference: bool | None = None, beta: float | None = None, registry_url: str | None = None, output_dir: str | Path | None = None,
            console: Console | None = None) -> UpdateResult:
     """Update model ``name`` from its production version with the rows of ``data`` files and
-    (``feedback``) the corrections in the feedback store (``feedback_db``, newer than ``since``).
+    (``feedback``) the corrections in the feedback store (``feedback_db``, newer than ``since``),
+    those stored under ``name`` and under each of ``feedback_names`` (names the server served it as).
 
     The keyword settings override the production recipe's ``update:`` section for this update.
     ``dry_run`` assembles the data, reports it and stops. Otherwise the candidate is trained,
@@ -97,15 +106,17 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
                                                      "gate_new": gate_new, "preference": preference, "beta": beta})
         gates = _gates(production.task, settings)
         line = ancestors(production.ref, production.run_dir)
-        rows = (_feedback(name, production.task, line, feedback_db, since, settings.preference) if feedback
-                else FeedbackRows())
+        registered = {v.name for v in registry.list()}
+        rows = (_feedback(name, production.task, line, feedback_db, feedback_names, since, settings.preference,
+                          registered, console, warn=bool(data)) if feedback else FeedbackRows())
         out_root = Path(output_dir) if output_dir is not None else production.run_dir.parent.parent
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         workdir = Path(tempfile.mkdtemp()) if dry_run else out_root / name / "updates" / stamp
+        made = _missing_folders(workdir)
         try:
             assembly = assemble(production.recipe, line, [Path(p) for p in data], rows, settings, workdir, console)
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove(workdir, made)
             raise
         result = UpdateResult(name, production.task, production.ref, assembly, settings)
         if dry_run:
@@ -115,8 +126,13 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
         from domaintune.pipeline import run
 
         console.print(f"[bold]{name}[/]: updating {production.ref} with {dict(assembly.train_rows)} training rows")
-        run_result = run(assembly.recipe, output_dir=out_root, console=console, register=False,
-                         init_from=production.run_dir, preference=_preference_phase(assembly, settings, production))
+        try:
+            run_result = run(assembly.recipe, output_dir=out_root, console=console, register=False,
+                             init_from=production.run_dir,
+                             preference=_preference_phase(assembly, settings, production))
+        except BaseException:
+            _remove(workdir, made)  # the run cleans up after itself; the update's inputs go with it
+            raise
         result.run_dir = run_result.run_dir
         result.comparisons = _compare(result.run_dir, production, line, assembly, gates, console)
         version = registry.register(result.run_dir)
@@ -130,9 +146,23 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
 def _production(registry: Registry, name: str) -> ModelVersion:
     try:
         return registry.get(name, "production")
-    except RegistryError as exc:
-        raise RegistryError(f"{name} has no production version to update: {exc.message}",
-                            hint=f"promote a version first: `domaintune registry promote {name}:N production`") from None
+    except RegistryError:
+        pass
+    everything = registry.list()
+    versions = [v for v in everything if v.name == name]
+    if not versions:
+        names = sorted({v.name for v in everything})
+        raise RegistryError(f"no model named {name!r} is registered",
+                            hint=f"the registered models: {', '.join(names)}" if names else
+                            "the registry has none yet: `domaintune run RECIPE` registers the model it trains")
+    staged = [v for v in versions if v.stage == "staging"]
+    pick = (staged or versions)[-1]
+    steps = ([] if pick.stage == "staging" else [f"`domaintune registry promote {pick.ref} --to staging`"])
+    steps.append(f"`domaintune registry promote {pick.ref} --to production`")
+    raise RegistryError(f"{name} has no production version to update from; its versions: "
+                        + ", ".join(f"{v.version} ({v.stage})" for v in versions),
+                        hint="an update starts from production: put a version there first, e.g. "
+                             + ", then ".join(steps))
 
 
 def _gates(task: str, settings: UpdateConfig) -> dict[str, str]:
@@ -143,16 +173,43 @@ def _gates(task: str, settings: UpdateConfig) -> dict[str, str]:
     return chosen
 
 
-def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, since: str | None,
-              preference: bool) -> FeedbackRows:
+def _feedback(name: str, task: str, line: list[Ancestor], feedback_db, names: Sequence[str], since: str | None,
+              preference: bool, registered: set[str], console: Console, warn: bool) -> FeedbackRows:
     from domaintune.serve.feedback import FeedbackStore
 
+    if feedback_db is not None and not Path(feedback_db).is_file():
+        # Opening it would create an empty store and report no feedback, hiding the typo.
+        raise DataError(f"no feedback file at {feedback_db}", where="--feedback-db",
+                        hint="give the file the server writes (`domaintune serve --feedback-db`; by default "
+                             "feedback.db in $DOMAINTUNE_HOME)")
     store = FeedbackStore(feedback_db)
     try:
-        return feedback_rows(store.records(model=name), task, used=feedback_used(line),
+        records = feedback_records(store, name, names)
+        rows = feedback_rows(records, task, used=feedback_used(line),
                              since=parse_since(since) if since else None, preference=preference)
+        rows.asked, rows.store, rows.records = True, str(store.path), len(records)
+        if not records:
+            # Servers used to store feedback under the name they served a model as, not its
+            # registry name; such records are this model's, but nothing here can tell for sure.
+            rows.elsewhere = dict(sorted(Counter(r.model for r in store.records()).items()))
+            rows.unregistered = [m for m in rows.elsewhere if m not in registered]
     finally:
         store.close()
+    if rows.unregistered:
+        lost = sum(rows.elsewhere[m] for m in rows.unregistered)
+        rows.skipped[f"under another model name ({', '.join(rows.unregistered)}; see --feedback-name)"] += lost
+        if warn:  # without other rows the update stops, and its error says this
+            console.print(f"[yellow]warning:[/] no feedback for {name}; {lost} records are under "
+                          f"{', '.join(rows.unregistered)}, which no registered model is called: if that is the "
+                          f"name the server served {name} as, add --feedback-name", highlight=False, soft_wrap=True)
+    return rows
+
+
+def feedback_records(store: FeedbackStore, name: str, names: Sequence[str] = ()) -> list[FeedbackRecord]:
+    """The records about model ``name`` in ``store``: under its name and under each of ``names``,
+    oldest first."""
+    found = {r.id: r for model in dict.fromkeys([name, *names]) for r in store.records(model=model)}
+    return sorted(found.values(), key=lambda r: r.created_at)
 
 
 def feedback_used(line: list[Ancestor]) -> set[str]:
@@ -163,6 +220,26 @@ def feedback_used(line: list[Ancestor]) -> set[str]:
         if record.is_file():
             used.update(json.loads(record.read_text(encoding="utf-8"))["data"]["feedback_ids"])
     return used
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove(workdir: Path, made: list[Path]) -> None:
+    """Remove ``workdir`` and the parents the update made for it, those still empty (another
+    update may have started in one)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    for folder in made[1:]:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _preference_phase(assembly: Assembly, settings: UpdateConfig, production: ModelVersion) -> PreferencePhase | None:
@@ -197,8 +274,35 @@ def _compare(run_dir: Path, production: ModelVersion, line: list[Ancestor], asse
         recorded = json.loads(metrics_file.read_text(encoding="utf-8"))
         comparisons.append({"eval_set": label, "file": str(eval_file), "eval_rows": compared["eval_rows"],
                             "base": recorded["base"], "production": compared["base"], "candidate": compared["tuned"],
-                            "intervals": compared["intervals"], "gates": [asdict(check_gate(expr, compared))]})
+                            "intervals": compared["intervals"], "gates": [update_gate(expr, compared)]})
     return comparisons
+
+
+def update_gate(expr: str, compared: dict[str, Any]) -> dict[str, Any]:
+    """``check_gate`` of ``expr`` on a comparison (``base`` = production, ``tuned`` = candidate),
+    as a dict, each failing clause that only a wide interval failed saying so."""
+    gate = asdict(check_gate(expr, compared))
+    gate["failing"] = [clause + _too_few_rows(clause, compared) for clause in gate["failing"]]
+    return gate
+
+
+def _too_few_rows(clause: str, compared: dict[str, Any]) -> str:
+    """A note for a failing clause on the low end of an interval whose point estimate is no drop:
+    the interval is too wide to show the candidate within bounds, which says the rows are too few,
+    not that the candidate is worse; the audit log and the report would otherwise read as a
+    regression."""
+    expression = clause.split(" (", 1)[0]
+    for metric in dict.fromkeys(re.findall(r"\bdifference\.(\w+)\.low\b", expression)):
+        if metric not in compared["tuned"] or metric not in compared["intervals"]:
+            continue
+        change = compared["tuned"][metric] - compared["base"][metric]
+        if change >= 0:
+            low = compared["intervals"][metric]["difference"][0]
+            tolerance = " (or a larger update.tolerance)" if re.search(r">=?\s*-", expression) else ""
+            return (f" — insufficient evidence, not a regression: {metric} changed by {change:+.4f}, but on "
+                    f"{compared['eval_rows']} rows the 95% interval reaches {low:+.4f}; more eval rows{tolerance} "
+                    "would settle it")
+    return ""
 
 
 def _write_record(result: UpdateResult, line: list[Ancestor]) -> None:
@@ -216,7 +320,15 @@ def _decide(registry: Registry, version: ModelVersion, result: UpdateResult, pro
         registry.promote(version.name, version.version, "archived",
                          reason="rejected by the update gate: " + "; ".join(result.failing))
         return "archived"
-    registry.promote(version.name, version.version, "staging", reason=f"update of {result.parent}: every gate held")
+    try:
+        registry.promote(version.name, version.version, "staging", reason=f"update of {result.parent}: every gate held")
+    except PromotionRefused as exc:
+        # The gates compared candidate and production; the policy also holds the candidate to its
+        # own base (and its recipe's gates). A refusal there rejects the update like a failed gate.
+        result.refused = list(exc.reasons)
+        registry.promote(version.name, version.version, "archived",
+                         reason="rejected by the registry policy: " + "; ".join(exc.reasons))
+        return "archived"
     if not promote:
         return "staging"
     try:

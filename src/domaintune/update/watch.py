@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +51,7 @@ from domaintune.registry.store import Registry
 from domaintune.serve.feedback import FeedbackRecord, FeedbackStore
 from domaintune.update.assemble import ancestors
 from domaintune.update.feedback_rows import feedback_rows, parse_since
-from domaintune.update.updater import UpdateResult, feedback_used, update
+from domaintune.update.updater import UpdateResult, feedback_records, feedback_used, update
 
 STATE = ".domaintune-watch.json"
 LOCK = ".domaintune-watch.lock"
@@ -83,20 +84,22 @@ class Watcher:
     """Watches ``directory`` for new rows for model ``name``; ``poll()`` looks once and runs an
     update when ``min_rows`` have arrived. ``update_options`` go to
     :func:`domaintune.update.updater.update` as they are (gate, promote, output_dir, ...).
-    With ``feedback``, new corrections in ``feedback_db`` count as rows too; ``since`` says where
-    they start until the first update sets the cut-off.
+    With ``feedback``, new corrections in ``feedback_db`` count as rows too (those stored under
+    ``name`` and under each of ``feedback_names``); ``since`` says where they start until the first
+    update sets the cut-off.
 
     Use it as a context manager: it holds the folder's lock while open.
     """
 
     def __init__(self, name: str, directory: str | Path, *, min_rows: int = 100, feedback: bool = False,
-                 feedback_db: str | Path | None = None, since: str | None = None, registry_url: str | None = None,
-                 console: Console | None = None, **update_options: Any):
+                 feedback_db: str | Path | None = None, feedback_names: Sequence[str] = (), since: str | None = None,
+                 registry_url: str | None = None, console: Console | None = None, **update_options: Any):
         self.name = name
         self.directory = Path(directory)
         self.min_rows = min_rows
         self.feedback = feedback
         self.feedback_db = feedback_db
+        self.feedback_names = list(feedback_names)
         self.since = since
         self.registry_url = registry_url
         self.console = console or Console(stderr=True, quiet=True)
@@ -216,6 +219,7 @@ class Watcher:
         used_feedback: list[str] = []
         try:
             result = update(self.name, files, feedback=bool(corrections), feedback_db=self.feedback_db,
+                            feedback_names=self.feedback_names,
                             since=corrections[0].created_at if corrections else None,
                             registry_url=self.registry_url, console=self.console, **self.update_options)
         except DomaintuneError as exc:
@@ -245,7 +249,7 @@ class Watcher:
     def _feedback_records(self) -> list[FeedbackRecord]:
         store = FeedbackStore(self.feedback_db)
         try:
-            return store.records(model=self.name)
+            return feedback_records(store, self.name, self.feedback_names)
         finally:
             store.close()
 
