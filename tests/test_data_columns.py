@@ -118,3 +118,19 @@ def test_inspect_rejects_an_unknown_task_and_bad_overrides_as_recipe_errors(tmp_
         inspect_data(path, task="foo")
     with pytest.raises(RecipeError, match=r"--set: data.dedup.threshold: Input should be a valid number"):
         inspect_data(path, overrides={"data.dedup.threshold": "abc"})
+
+
+def test_an_update_s_provenance_columns_stay_as_written():
+    """An update follows its rows by `origin` between its steps: a path is not personal data."""
+    from domaintune.data.readers import Row
+    from domaintune.data.steps import RowSteps, make_redactor
+    from domaintune.recipe import Recipe
+
+    spec = Recipe.model_validate({"name": "t", "task": "classification", "base_model": "minilm-l6",
+                                  "data": {"train": "x.csv"}})
+    origin = "/data/batch 07700 900123/new.csv:3"
+    row = Row({"text": "refund please", "label": "billing", "origin": origin, "source": "new",
+               "notes": "call me on 07700 900123"}, "x.csv:2")
+    example = RowSteps(spec, "train", make_redactor(spec)).run(row).example
+    assert example.meta["origin"] == origin and example.meta["source"] == "new"
+    assert "900123" not in example.meta["notes"]

@@ -24,6 +24,10 @@ from domaintune.errors import DataError, RecipeError
 from domaintune.recipe import Recipe
 
 Example = TextExample | ChatExample
+# The columns an update writes on each row it assembles: where the row came from (a file:line, a
+# feedback id). They are the update's bookkeeping, matched as written between its steps, not data:
+# a path that happens to look like a phone number must not be redacted out of them.
+PROVENANCE = ("source", "origin")
 STEPS = ("validate", "clean", "dedup", "leakage", "labels")
 MAX_LISTED = 5  # problems shown when on_bad_rows: error stops the run
 
@@ -141,6 +145,9 @@ class RowSteps:
         keeps each group on one side."""
         out = {}
         for name, value in meta.items():
+            if name in PROVENANCE:
+                out[name] = value
+                continue
             redacted = scrub(value, self.redactor, found)
             if name == self._split_field and self.spec.data.split.by == "group" and redacted != value:
                 redacted = "group-" + hashlib.sha256(str(value).encode("utf-8")).hexdigest()[:16]
