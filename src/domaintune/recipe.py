@@ -11,7 +11,7 @@ import difflib
 import re
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from domaintune.errors import RecipeError
 
 Task = Literal["classification", "sft", "pretrain"]
+TASKS: tuple[str, ...] = get_args(Task)
 Method = Literal["lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full"]
 
 # Which methods each task supports. Prompt and prefix tuning prepend virtual tokens, which the

@@ -143,10 +143,17 @@ def chat_example(row: Row, system_prompt: str | None = None) -> ChatExample:
             f"row has fields {sorted(f)} but an sft row needs one of: " + "; ".join(SFT_SHAPES),
             where=row.where,
         )
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = with_system_prompt(messages, system_prompt)
     meta = {k: v for k, v in f.items() if k not in shape}
     return ChatExample(messages=messages, where=row.where, meta=meta)
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``messages`` with ``system_prompt`` first when they have no system message of their own:
+    what a run trains and evaluates on, and so what its server must answer."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
 def classification_examples(rows: list[Row], text_field: str, label_field: str) -> list[TextExample]:

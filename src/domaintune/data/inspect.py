@@ -7,7 +7,7 @@ import tempfile
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -17,11 +17,10 @@ from domaintune.data.prepare import large_inputs, prepare
 from domaintune.data.readers import iter_rows
 from domaintune.data.steps import check_split
 from domaintune.errors import DataError, RecipeError
-from domaintune.recipe import Task, apply_overrides, load_recipe, validate_recipe
+from domaintune.recipe import TASKS, apply_overrides, load_recipe, validate_recipe
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 TOKEN_SAMPLE = 100_000  # rows of each side whose tokens are counted
-TASKS = get_args(Task)
 
 
 def guess_task(path: Path, label_field: str) -> str:

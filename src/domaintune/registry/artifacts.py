@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from domaintune.catalog import sha256_file
+from domaintune.recipe import TASKS
 from domaintune.registry.errors import RegistryError
 
 RECORDS = ("recipe.yaml", "metrics.json", "lineage.json")
 ADAPTER = "adapter"
-TASKS = ("classification", "sft", "pretrain")
 
 
 @dataclass(frozen=True)

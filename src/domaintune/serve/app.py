@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from domaintune.data.examples import with_system_prompt
 from domaintune.serve.auth import ApiKey, KeyRing, check_scope
 from domaintune.serve.batcher import END
 from domaintune.serve.errors import ApiError, error_body, error_response
@@ -233,12 +234,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         served = server.acquire(request, key, body.model, generates=True)
         try:
             messages = [{"role": m.role, "content": server.redact(m.content)} for m in body.messages]
-            seen = messages
-            if served.system_prompt and messages[0]["role"] != "system":
-                # the run's data steps put its system prompt before every chat lacking one, so its
-                # training and evaluation saw it: without it the model would answer otherwise
-                seen = [{"role": "system", "content": served.system_prompt}, *messages]
-            text = render(served.tokenizer, seen, add_generation_prompt=True)
+            # as the run's data steps did for its training and evaluation
+            text = render(served.tokenizer, with_system_prompt(messages, served.system_prompt), add_generation_prompt=True)
             rows = server.rows(served, served.tokenizer(text, add_special_tokens=False)["input_ids"], body, "messages")
         except BaseException:
             server.pool.release(served)
