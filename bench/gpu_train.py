@@ -57,7 +57,7 @@ class Variant:
     compile_layers: bool = False
     checkpointing: float = 0.0
     liger: bool = True  # auto: leave Liger's kernels out when False
-    fused_lora: bool = False  # auto: LoRA's scaling and sum in one addmm (train.fused_lora; on for CPUs only so far)
+    fused_lora: bool | None = None  # auto: LoRA's scaling and sum in one addmm or not (None: as the plan says)
     packing: bool = True  # auto/off: packed batches (padded when False)
     pack_mixed: bool | None = None  # auto/off: pack rows of different lengths too (None: as the plan says)
     steps: int = 50
@@ -68,7 +68,7 @@ class Variant:
 VARIANTS = [
     Variant("lora-1b-plain", "lora-1b", "1b", "lora", "plain", 8, 1024),
     Variant("lora-1b-auto", "lora-1b", "1b", "lora", "auto", 8, 1024),
-    Variant("lora-1b-auto-fusedlora", "lora-1b", "1b", "lora", "auto", 8, 1024, fused_lora=True),
+    Variant("lora-1b-auto-peftforward", "lora-1b", "1b", "lora", "auto", 8, 1024, fused_lora=False),
     Variant("full-1b-plain", "full-1b", "1b", "full", "plain", 8, 1024),
     Variant("full-1b-auto", "full-1b", "1b", "full", "auto", 8, 1024),
     Variant("varlen-1b-plain-padded", "varlen-1b", "1b", "lora", "plain", 8, 1024, varlen=True),
@@ -83,7 +83,7 @@ VARIANTS = [
     Variant("full-1b-auto-compile", "full-1b", "1b", "full", "auto", 8, 1024, compile_layers=True, warmup=15),
 ]
 
-# Second look (--diagnostics): what slows packed rows of mixed lengths on a GPU.
+# Second look (--diagnostics): packed rows of mixed lengths against padded ones, part by part.
 DIAGNOSTICS = [
     Variant("varlen-1b-plain-padded", "varlen-1b", "1b", "lora", "plain", 8, 1024, varlen=True, steps=20, warmup=5),
     Variant("varlen-1b-auto-packed", "varlen-1b", "1b", "lora", "auto", 8, 1024, varlen=True, pack_mixed=True,
@@ -191,8 +191,8 @@ def run_auto(v: Variant, device: str) -> dict:
                             compile_layers=v.compile_layers, checkpointing=v.checkpointing)
     if not v.liger:
         plan = dataclasses.replace(plan, liger=False)
-    if v.fused_lora:
-        plan = dataclasses.replace(plan, fused_lora=True)
+    if v.fused_lora is not None:
+        plan = dataclasses.replace(plan, fused_lora=v.fused_lora)
     if v.pack_mixed is not None:
         plan = dataclasses.replace(plan, pack_mixed_lengths=v.pack_mixed)
     model = build_model(v.shape, device)  # already bf16 on the GPU, as speed.place leaves a base

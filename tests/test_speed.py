@@ -63,6 +63,21 @@ def test_a_gpu_that_only_emulates_bfloat16_trains_in_float32(monkeypatch):
         assert speed.plan_speed("auto", "llama", "lora", fsdp=True).bf16 is ampere
 
 
+def test_auto_on_a_gpu_fuses_loras_forward_and_packs_mixed_lengths_only_with_a_varlen_kernel(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for varlen in (True, False):
+        monkeypatch.setattr(speed, "varlen_attention_available", lambda: varlen)
+        auto = speed.plan_speed("auto", "llama", "lora")
+        assert auto.fused_lora and auto.pack_mixed_lengths is varlen
+        off = speed.plan_speed("off", "llama", "lora")
+        assert not off.fused_lora and not off.pack_mixed_lengths and not off.fused_loss
+        assert not speed.plan_speed("auto", "llama", "lora", fsdp=True).fused_lora
+    # without bfloat16 (a T4) the kernel takes no float32: padded
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert not speed.plan_speed("auto", "llama", "lora").pack_mixed_lengths
+
+
 def test_the_recipe_takes_auto_or_off(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("name: x\ntask: sft\nbase_model: smollm2-135m\ndata:\n  train: x.jsonl\n", encoding="utf-8")

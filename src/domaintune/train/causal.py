@@ -159,7 +159,7 @@ def train_causal(model, tokenizer, rows: list[Tokenized], *, loop: LoopConfig, b
     Batches hold ``batch_size`` rows of similar length. With ``packing`` each batch is laid end
     to end as one sequence instead of padded (see ``packing``), unless the method or the
     architecture cannot keep packed rows apart, or the rows differ in length where the plan says
-    not to pack those (``SpeedPlan.pack_mixed_lengths``, off on a GPU). Under torchrun each process takes its share of
+    not to pack those (``SpeedPlan.pack_mixed_lengths``: off on a GPU without a variable-length attention kernel). Under torchrun each process takes its share of
     the rows of every batch. ``speed`` says how the forward pass and the loss run (see ``speed``);
     the model is already on its device.
     """

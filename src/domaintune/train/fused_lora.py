@@ -21,7 +21,8 @@ tests/test_fused_lora.py, ``bench/lora_saved.py``).
 Only plain LoRA on ``nn.Linear`` layers takes this path, one adapter active, unmerged; every
 other case (DoRA, a bias on lora_B, several adapters, adapters switched off, a mixed batch of
 adapters, mixed dtypes outside autocast) runs PEFT's own forward. On under ``training.speed:
-auto`` on the CPU (``SpeedPlan.fused_lora``); on a GPU not until measured there.
+auto`` (``SpeedPlan.fused_lora``): on an H100, a 1B LoRA step 1.04x as fast as with PEFT's forward
+at 0.84x the peak memory, the same losses (bench/README.md).
 """
 
 from __future__ import annotations

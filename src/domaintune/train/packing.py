@@ -67,20 +67,19 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
     positions = kwargs.get("position_ids")
     if positions is None or query.shape[0] != 1 or not query.shape[2] == key.shape[2] == positions.shape[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
-    if len(starts) < 2 or starts[0] != 0:
+    bounds = _row_bounds(positions)
+    if len(bounds) < 3 or bounds[0] != 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rest = {k: v for k, v in kwargs.items() if k != "position_ids"}
-    bounds = starts + [query.shape[2]]
     if len({e - s for s, e in zip(bounds, bounds[1:])}) == 1:  # rows of one length: one batched call
-        n = len(starts)
+        n = len(bounds) - 1
         rows = [t.reshape(t.shape[1], n, t.shape[2] // n, t.shape[3]).transpose(0, 1) for t in (query, key, value)]
         out = sdpa_attention_forward(module, *rows, None, **rest)[0]  # (rows, row length, heads, head_dim)
         return out.reshape(1, -1, *out.shape[2:]), None
     kernel = _varlen_kernel(query, rest)
     if kernel is not None:  # one call for all the rows, as flash-attention's variable-length kernel takes them
         groups = getattr(module, "num_key_value_groups", 1)
-        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+        cu = _row_bounds_on(positions, query.device)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (length, heads, head_dim)
         out = kernel(q, k, v, cu, max(e - s for s, e in zip(bounds, bounds[1:])), rest.get("scaling"), groups)
         return out.unsqueeze(0), None  # (batch, length, heads, head_dim)
@@ -94,6 +93,26 @@ def _row_sdpa(module, query, key, value, attention_mask, **kwargs):
         outputs = [sdpa_attention_forward(module, q, k, v, None, **rest)[0]
                    for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
     return torch.cat(outputs, dim=1), None  # (batch, length, heads, head_dim)
+
+
+# Every layer of a forward pass gets the same position_ids tensor: its row boundaries are read
+# from the device once, not once per layer (each read waits for the GPU to finish its queue).
+_last_bounds: list = [None, None, None]  # position_ids, boundaries as a list, as an int32 tensor
+
+
+def _row_bounds(positions: torch.Tensor) -> list[int]:
+    """Where each packed row starts, and the sequence's length last."""
+    if _last_bounds[0] is not positions:
+        starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
+        _last_bounds[:] = [positions, starts + [positions.shape[-1]], None]
+    return _last_bounds[1]
+
+
+def _row_bounds_on(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+    bounds = _row_bounds(positions)
+    if _last_bounds[2] is None or _last_bounds[2].device != device:
+        _last_bounds[2] = torch.tensor(bounds, dtype=torch.int32, device=device)
+    return _last_bounds[2]
 
 
 _ANY_LENGTH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -139,6 +158,12 @@ def _torch_varlen() -> Callable | None:
             q = q * (scale * q.shape[-1] ** 0.5)
         return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
     return run
+
+
+def varlen_attention_available() -> bool:
+    """Whether this torch has the variable-length flash-attention kernel that packed rows of mixed
+    lengths need on a GPU to beat padded batches (used there in bfloat16 and float16)."""
+    return _torch_varlen() is not None
 
 
 AttentionInterface.register(ROW_ATTENTION, _row_sdpa)
