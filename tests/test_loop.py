@@ -92,6 +92,7 @@ def test_max_steps_replaces_epochs():
 def test_time_budget_stops_training():
     _, log = _train(max_minutes=1e-9)
     assert len(log) == 1
+    assert log[-1]["stopped"] == "max_minutes"  # recorded for the model card
 
 
 def test_early_stopping_keeps_the_best_weights():
@@ -105,6 +106,7 @@ def test_early_stopping_keeps_the_best_weights():
     evaluated = [r for r in log if "eval_loss" in r]
     assert [r["eval_loss"] for r in evaluated] == [3.0, 2.0, 2.5, 2.4, 2.6]
     assert len(log) == 10  # stopped after the 5th evaluation
+    assert log[-1]["stopped"] == "early_stopping" and all("stopped" not in r for r in log[:-1])
     for p, best in zip(model.parameters(), snapshots[1]):
         assert torch.equal(p, best)
 

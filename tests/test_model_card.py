@@ -32,9 +32,12 @@ def _run_dir(tmp_path, training=None, log=None, metrics=None, evaluate=None, eva
     return tmp_path
 
 
-def _log(steps, per_epoch, evals=None, elapsed=1.0):
-    return [{"step": s, "epoch": round(s / per_epoch, 4), "loss": 1.0, "elapsed_s": elapsed * s / steps,
-             **({"eval_loss": evals[s]} if evals and s in evals else {})} for s in range(1, steps + 1)]
+def _log(steps, per_epoch, evals=None, elapsed=1.0, stopped=None):
+    log = [{"step": s, "epoch": round(s / per_epoch, 4), "loss": 1.0, "elapsed_s": elapsed * s / steps,
+            **({"eval_loss": evals[s]} if evals and s in evals else {})} for s in range(1, steps + 1)]
+    if stopped:
+        log[-1]["stopped"] = stopped
+    return log
 
 
 def _training_line(card: str) -> str:
@@ -52,6 +55,14 @@ def _training_line(card: str) -> str:
      "40 optimiser steps (2.22 of the 9 epochs planned; stopped early: the held-out loss did not improve for 2 "
      "evaluations, and the weights of the best evaluation were kept)"),
     ({}, None, "9 epochs planned (the run has no train_log.jsonl"),
+    # the log says why: early stopping at a step past max_minutes' time, which a guess would call max_minutes
+    ({"max_minutes": 0.5, "eval_every": 10, "early_stopping_patience": 2},
+     _log(40, 18, evals={10: 2.0, 20: 1.5, 30: 1.6, 40: 1.5}, elapsed=31.0, stopped="early_stopping"),
+     "40 optimiser steps (2.22 of the 9 epochs planned; stopped early: the held-out loss did not improve for 2 "
+     "evaluations, and the weights of the best evaluation were kept)"),
+    # a reason no guess finds: time ran out although elapsed_s (rounded, another process's clock) falls short
+    ({"max_minutes": 0.5}, _log(40, 18, elapsed=29.0, stopped="max_minutes"),
+     "40 optimiser steps (2.22 of the 9 epochs planned; stopped by training.max_minutes=0.5)"),
 ])
 def test_the_card_states_the_training_done_and_why_it_stopped(tmp_path, training, log, expected):
     card = write_model_card(_run_dir(tmp_path, training, log)).read_text()

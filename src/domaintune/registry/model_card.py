@@ -101,16 +101,25 @@ def _training_done(t: dict, log: list[dict]) -> str:
         return f"{done_text} ({steps_text})"
     of_plan = (f"{done_text}, of the {max_steps} steps training.max_steps planned" if max_steps
                else f"{_epochs(done)} of the {planned_text} planned")
-    evals = [r["eval_loss"] for r in log if r.get("eval_loss") is not None]
-    if max_minutes and float(last.get("elapsed_s", 0.0)) >= 60 * max_minutes:
+    stopped = last.get("stopped") or _stop_inferred(last, log, max_minutes, patience)
+    if stopped == "max_minutes":
         why = f"stopped by training.max_minutes={max_minutes}"
-    elif (patience and len(evals) > patience and "eval_loss" in last
-          and min(evals[-patience:]) >= min(evals[:-patience])):
+    elif stopped == "early_stopping":
         why = (f"stopped early: the held-out loss did not improve for {patience} evaluations, and the weights of "
                f"the best evaluation were kept")
     else:
         why = "stopped before its plan for a reason train_log.jsonl does not record"
     return f"{steps_text} ({of_plan}; {why})"
+
+
+def _stop_inferred(last: dict, log: list[dict], max_minutes: float | None, patience: int | None) -> str | None:
+    """Why a run from before train_log.jsonl recorded ``stopped`` stopped short, from its last record."""
+    evals = [r["eval_loss"] for r in log if r.get("eval_loss") is not None]
+    if max_minutes and float(last.get("elapsed_s", 0.0)) >= 60 * max_minutes:
+        return "max_minutes"
+    if patience and len(evals) > patience and "eval_loss" in last and min(evals[-patience:]) >= min(evals[:-patience]):
+        return "early_stopping"
+    return None
 
 
 def _details(recipe: dict, metrics: dict, lineage: dict, registry: dict | None, log: list[dict]) -> str:

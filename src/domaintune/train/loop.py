@@ -201,8 +201,11 @@ def train_loop(
                 if eval_loss is not None and config.eval_every and state.step % config.eval_every == 0:
                     best_weights = _evaluate(model, eval_loss, record, state, patience, best_weights)
                 # every process must stop at the same step: the first to run out of time decides
-                if config.max_minutes is not None and distributed.any_true(state.elapsed_s >= 60 * config.max_minutes):
+                out_of_time = config.max_minutes is not None and distributed.any_true(
+                    state.elapsed_s >= 60 * config.max_minutes)
+                if out_of_time and state.stopped is None:  # early stopping at the same step says why first
                     state.stopped = f"training.max_minutes={config.max_minutes} reached"
+                    record["stopped"] = "max_minutes"  # the model card says why from this, not by guessing
                 state.log.append(record)
                 if log_file:
                     log_file.write(json.dumps(record) + "\n")
@@ -258,4 +261,5 @@ def _evaluate(model: torch.nn.Module, eval_loss: Callable[[torch.nn.Module], flo
     state.evals_without_improvement += 1
     if patience and state.evals_without_improvement >= patience:
         state.stopped = f"eval loss did not improve for {patience} evaluations (best {state.best_eval_loss:.4f})"
+        record["stopped"] = "early_stopping"
     return best_weights
