@@ -150,8 +150,31 @@ def test_a_rejected_batch_is_recorded_and_not_retried(inbox, registry_url, tmp_p
     assert len(record["failing"]) == 1 and record["failing"][0].startswith(f"{NAME}:1: {NEVER}")
     assert third.exit_code == 0, third.output
     assert json.loads(third.output) == {
-        "waiting_rows": 0, "min_rows": 13, "files": {}, "feedback_rows": 0, "settling": [], "set_aside": {},
-        "update": None}
+        "waiting_rows": 0, "min_rows": 13, "files": {}, "feedback_rows": 0, "feedback_elsewhere": {}, "settling": [],
+        "set_aside": {}, "update": None}
+
+
+def test_feedback_under_the_name_the_server_used_is_named_until_feedback_name_counts_it(inbox, registry_url,
+                                                                                         tmp_path):
+    feedback_db = tmp_path / "feedback.db"
+    store = FeedbackStore(feedback_db)
+    store.add("r-1", Response(model="support-bot", prompt="my warranty card is broken", answer="billing"),
+              correction="product", reviewer="ana")
+    store.close()
+    args = ["--watch", str(inbox), "--min-rows", "13", "--once", "--feedback", "--feedback-db", str(feedback_db),
+            "--registry-url", registry_url, "--output-dir", str(tmp_path / "runs")]
+
+    unnamed = cli(*args, "--json")
+    named = cli(*args, "--feedback-name", "support-bot", "--json")
+
+    assert unnamed.exit_code == 0, unnamed.output
+    summary = json.loads(unnamed.output)
+    assert summary["feedback_rows"] == 0 and summary["feedback_elsewhere"] == {"support-bot": 1}
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.output)["feedback_rows"] == 1 and json.loads(named.output)["feedback_elsewhere"] == {}
+    line = cli(*args)
+    assert "feedback not counted, stored under a name no registered model has: support-bot (1)" in line.output
+    assert "--feedback-name" in line.output
 
 
 def test_an_update_that_fails_is_recorded_and_the_watch_goes_on(inbox, registry_url, tmp_path):

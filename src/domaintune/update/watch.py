@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -65,6 +66,9 @@ class Poll:
     min_rows: int
     files: dict[str, int] = field(default_factory=dict)  # complete, untaken files waiting: name -> rows
     feedback_rows: int = 0
+    # with no feedback under the model's names: records under names no registered model has (a server
+    # that stored the name it served the model as), name -> records; not counted without --feedback-name
+    feedback_elsewhere: dict[str, int] = field(default_factory=dict)
     settling: list[str] = field(default_factory=list)  # new or changed since the last poll: counted later
     set_aside: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
     update: dict[str, Any] | None = None  # the record of the update this poll ran
@@ -76,7 +80,8 @@ class Poll:
 
     def summary(self) -> dict[str, Any]:
         return {"waiting_rows": self.waiting_rows, "min_rows": self.min_rows, "files": self.files,
-                "feedback_rows": self.feedback_rows, "settling": self.settling, "set_aside": self.set_aside,
+                "feedback_rows": self.feedback_rows, "feedback_elsewhere": self.feedback_elsewhere,
+                "settling": self.settling, "set_aside": self.set_aside,
                 "update": self.update}
 
 
@@ -145,7 +150,7 @@ class Watcher:
         state = self.state()
         poll = Poll(self.min_rows)
         ready = self._look(state, poll)
-        corrections = self._new_feedback(state) if self.feedback else []
+        corrections = self._new_feedback(state, poll) if self.feedback else []
         poll.feedback_rows = len(corrections)
         state["waiting"] = _waiting(poll)
         self.console.print(f"{self.name}: {progress_line(poll)}", highlight=False, soft_wrap=True)
@@ -194,12 +199,17 @@ class Watcher:
         state["seen"] = {name: s for name, s in seen.items() if name in present}
         return ready
 
-    def _new_feedback(self, state: dict[str, Any]) -> list[FeedbackRecord]:
-        """The corrections an update would train on that are newer than the cut-off, oldest first."""
+    def _new_feedback(self, state: dict[str, Any], poll: Poll) -> list[FeedbackRecord]:
+        """The corrections an update would train on that are newer than the cut-off, oldest first.
+        With none stored under the model's names, notes in ``poll`` the unregistered names that
+        hold feedback (a server's name for the model, perhaps), as ``update --feedback`` does."""
         with Registry(self.registry_url) as registry:
             production = registry.get(self.name, "production")
+            registered = {v.name for v in registry.list()}
         used = feedback_used(ancestors(production.ref, production.run_dir))  # learned earlier: not new
         records = self._feedback_records()
+        if not records:
+            poll.feedback_elsewhere = {m: n for m, n in self._feedback_by_model().items() if m not in registered}
         after = state["feedback_after"]
         if after is not None:
             records = [r for r in records if parse_since(r.created_at) > parse_since(after)]
@@ -253,6 +263,13 @@ class Watcher:
         finally:
             store.close()
 
+    def _feedback_by_model(self) -> dict[str, int]:
+        store = FeedbackStore(self.feedback_db)
+        try:
+            return dict(sorted(Counter(r.model for r in store.records()).items()))
+        finally:
+            store.close()
+
     def _save(self, state: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=STATE + ".", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -267,6 +284,10 @@ def progress_line(poll: Poll) -> str:
             f"({len(poll.files)} file{'s' * (len(poll.files) != 1)}, {poll.feedback_rows} feedback)")
     if poll.settling:
         line += f"; not counted until unchanged at the next poll: {', '.join(poll.settling)}"
+    if poll.feedback_elsewhere:
+        listed = ", ".join(f"{model} ({n})" for model, n in poll.feedback_elsewhere.items())
+        line += (f"; feedback not counted, stored under a name no registered model has: {listed} "
+                 "(if that is the name the server served this model as, add --feedback-name)")
     if poll.set_aside:
         line += "; set aside: " + "; ".join(f"{name} ({why.splitlines()[0]})" for name, why in poll.set_aside.items())
     return line
