@@ -11,10 +11,11 @@
 # (about 56 MB: within the 64 MiB a call may carry). bitsandbytes is for qlora; the others are what a
 # whole `run` (the registry included) and the server import beyond the machine's image.
 # Runs the GPU tests (the speed paths, qlora, a whole run evaluated on the GPU, `eval` reproducing it,
-# serving there, the fused LoRA forward under autocast, bfloat16 AdamW), bench/lora_saved.py (that forward's step
-# time and peak), bench/bf16_adamw.py (the optimiser step against torch's fused AdamW), then
-# bench/gpu_train.py, its variants in order until BUDGET; logs and the JSON go to ${OUT:-.}.
-# At most 150 + 45 + 75 + 300 s: within one 600 s call (BUDGET=... VARIANT_TIMEOUT=... change the last part).
+# serving there, the fused LoRA forward under autocast, bfloat16 AdamW, FSDP over NCCL; 91 s on an H100 before FSDP), bench/bf16_adamw.py
+# (the optimiser step against torch's fused AdamW), where the time of a 1B LoRA and full step goes
+# (gpu_train.py --profile), then bench/gpu_train.py, its variants in order until BUDGET; logs and the JSON
+# go to ${OUT:-.}. At most 150 + 50 + 90 + 300 s: within one 600 s call (BUDGET=... VARIANT_TIMEOUT=...
+# change the last part; arguments go to the last gpu_train.py, e.g. --only NAME...).
 set -u
 OUT=${OUT:-.}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -23,7 +24,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger-kernel', m.version('liger-kernel'))"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_packing.py \
   tests/test_methods.py tests/test_pipeline.py tests/test_run_eval.py tests/test_serve.py tests/test_fused_lora.py tests/test_bf16_adamw.py \
+  tests/test_fsdp.py \
   -k "gpu or cuda or speed or packing or varlen or packed or sft_run or placed" 2>&1 | tee $OUT/pytest_gpu.log | tail -8
-timeout 45 python3 bench/lora_saved.py 2>&1 | tee $OUT/lora_saved.log
-timeout 75 python3 bench/bf16_adamw.py 2>&1 | tee $OUT/bf16_adamw.log
+timeout 50 python3 bench/bf16_adamw.py 2>&1 | tee $OUT/bf16_adamw.log
+timeout 90 python3 bench/gpu_train.py --profile --only lora-1b-auto full-1b-auto --out $OUT/gpu_profile.json \
+  > $OUT/gpu_profile.log 2>&1
 python3 bench/gpu_train.py --timeout ${VARIANT_TIMEOUT:-150} --budget ${BUDGET:-300} --out $OUT/gpu_train.json "$@" 2>&1 | tee $OUT/gpu_train.log

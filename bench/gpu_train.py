@@ -11,6 +11,7 @@ baseline; writes the rows and every step's loss as JSON.
     python bench/gpu_train.py --diagnostics        # packed rows of mixed lengths, with and without each part
     python bench/gpu_train.py --only lora-1b-plain lora-1b-auto
     python bench/gpu_train.py --tiny --device cpu  # the same code paths on a 2-layer model, for CI-like checks
+    python bench/gpu_train.py --profile --only lora-1b-plain lora-1b-auto   # where a step's time goes
 
 Baselines ("plain") are what a user writes with transformers + PEFT: bf16 weights, bf16 autocast,
 SDPA attention, ``model(input_ids, labels=...)`` for the loss, fused AdamW, LoRA r=16 (alpha 32,
@@ -213,18 +214,46 @@ def run_auto(v: Variant, device: str) -> dict:
             "tokens": [round(b - a) for a, b in zip([0.0] + seen, seen)], "plan": plan.describe()}
 
 
-def one(v: Variant, device: str) -> dict:
+def one(v: Variant, device: str, profile: bool = False) -> dict:
     import torch
 
     began = time.perf_counter()
-    out = (run_plain if v.impl == "plain" else run_auto)(v, device)
+    run = run_plain if v.impl == "plain" else run_auto
+    if profile:
+        out, where = profiled(run, v, device)
+        out["profile"] = where
+    else:
+        out = run(v, device)
     w = min(v.warmup, len(out["stamps"]) - 2)
     timed_tokens = sum(out["tokens"][w + 1:])
     seconds = out["stamps"][-1] - out["stamps"][w]
     return {"name": v.name, "group": v.group, "tokens_per_s": timed_tokens / seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
             "wall_s": time.perf_counter() - began, "losses": out["losses"], "plan": out.get("plan"),
-            "batch": f"{v.batch} x {v.seq}" + (" (20..)" if v.varlen else "")}
+            "batch": f"{v.batch} x {v.seq}" + (" (20..)" if v.varlen else ""), "profile": out.get("profile")}
+
+
+def profiled(run, v: Variant, device: str) -> tuple[dict, str]:
+    """``run(v, device)`` under torch's profiler: the operators and kernels that took the most
+    device time (self time, all steps), and how much of the wall time the device was busy. A step
+    bound by the matrix products shows GEMM kernels on top and the device busy nearly all the time;
+    element-wise kernels on top mean memory traffic, an idle device means launches or host work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        out = run(v, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    events = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key, 0) for e in events if e.device_type.name == "CUDA") / 1e6 if device == "cuda" else None
+    text = events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+    share = f"device busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}), all steps\n" if busy else ""
+    return out, share + text
 
 
 def table(results: list[dict]) -> str:
@@ -256,15 +285,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=150, help="seconds per variant")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds for all variants; later ones are skipped")
     parser.add_argument("--out", type=Path, default=Path("gpu_train.json"))
+    parser.add_argument("--profile", action="store_true",
+                        help="run each chosen variant for at most 12 steps under torch's profiler and print where the time went")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     chosen = [v for v in (DIAGNOSTICS if args.diagnostics else VARIANTS) if not args.only or v.name in args.only]
     if args.tiny:
         for v in chosen:
             v.shape, v.seq, v.steps, v.warmup, v.batch = "tiny", min(v.seq, 64), 4, 1, min(v.batch, 4)
+    if args.profile:
+        for v in chosen:
+            v.steps, v.warmup = min(v.steps, 12), min(v.warmup, 4)
     if args.one:
         v = next(v for v in chosen if v.name == args.one)
-        print("RESULT " + json.dumps(one(v, args.device)), flush=True)
+        print("RESULT " + json.dumps(one(v, args.device, args.profile)), flush=True)
         return
 
     results, began = [], time.perf_counter()
@@ -273,7 +307,7 @@ def main() -> None:
             results.append({"name": v.name, "group": v.group, "error": "skipped: out of --budget"})
             continue
         command = ([sys.executable, __file__, "--one", v.name, "--device", args.device] + (["--tiny"] if args.tiny else [])
-                   + (["--diagnostics"] if args.diagnostics else []))
+                   + (["--diagnostics"] if args.diagnostics else []) + (["--profile"] if args.profile else []))
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -289,6 +323,8 @@ def main() -> None:
         print(f"{v.name}: " + (r["error"] if "error" in r else
                                f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib'] or 0:.1f} GiB, {r['wall_s']:.0f} s"),
               flush=True)
+        if r.get("profile"):
+            print(r["profile"], flush=True)
     args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(table(results))
 

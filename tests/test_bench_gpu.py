@@ -24,3 +24,16 @@ def test_the_gpu_benchmark_runs_both_sides_on_the_same_data(tmp_path):
     assert len(plain["losses"]) == len(auto["losses"]) == 4
     assert max(abs(a - b) for a, b in zip(plain["losses"], auto["losses"])) < 1e-4
     assert "| lora-1b-auto | 4 x 64 |" in done.stdout
+
+
+def test_the_gpu_benchmark_says_where_a_steps_time_went(tmp_path):
+    out = tmp_path / "gpu_train.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--tiny", "--device", "cpu",
+                           "--profile", "--only", "lora-1b-auto", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (auto,) = json.loads(out.read_text())
+    # the matrix products of a 2-layer model's forward and backward lead the CPU's self time
+    top = [line.split()[0] for line in auto["profile"].splitlines() if line.strip().startswith("aten::")][0]
+    assert top in ("aten::mm", "aten::addmm", "aten::bmm"), auto["profile"]
+    assert auto["profile"] in done.stdout

@@ -180,7 +180,7 @@ def _compiles_on_the_cpu() -> bool:
 
 
 def test_the_compiled_update_computes_the_uncompiled_one(monkeypatch):
-    """What a GPU runs (one compiled kernel per tensor), here compiled for the CPU."""
+    """What a GPU runs (one compiled call for all the tensors), here compiled for the CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not _compiles_on_the_cpu():
         pytest.skip("torch.compile does not work on this machine's CPU")

@@ -34,9 +34,10 @@ def _weights(run_dir, method: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / name)
 
 
-def _torchrun(recipe, overrides: dict, output, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _torchrun(recipe, overrides: dict, output, *extra: str, env: dict | None = None,
+              processes: int = 2) -> subprocess.Popen:
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "domaintune", "run", str(recipe), *sets, "--output-dir", str(output), "--no-register", "--quiet",
                *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -95,6 +96,21 @@ def test_full_fine_tuning_sharded_over_two_processes_equals_one_process(sft_reci
     # lineage records how each was trained
     sharded, single = (json.loads((r / "lineage.json").read_text())["training"] for r in (runs[0], alone.run_dir))
     assert (sharded["processes"], sharded["fsdp"], single["processes"], single["fsdp"]) == (2, True, 1, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_trains_on_a_gpu_over_nccl(sft_recipe, tmp_path):
+    """One process per GPU (one here): float32 shards on the GPU, gathered in bfloat16, NCCL between
+    the processes. Its weights are not a single GPU run's (that one keeps bfloat16 weights): it must
+    train, and say how."""
+    overrides = {**OVERRIDES, "method": "full", "training.learning_rate": 1e-3, "training.distributed": "fsdp"}
+    _finish(_torchrun(sft_recipe, overrides, tmp_path / "fsdp", processes=1))
+    (run_dir,) = (tmp_path / "fsdp" / "tiny-colours").iterdir()
+    training = json.loads((run_dir / "lineage.json").read_text())["training"]
+    assert (training["processes"], training["fsdp"], training["device"], training["bf16"]) == (1, True, "cuda", True)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(w).all() for w in _weights(run_dir, "full").values())
 
 
 @pytest.mark.parametrize("distributed", ["fsdp", "ddp"])
