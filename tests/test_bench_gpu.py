@@ -11,13 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_benchmark_runs_both_sides_on_the_same_data(tmp_path):
+def _bench(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """bench/gpu_train.py on a 2-layer model on the CPU: its output and the JSON it wrote."""
     out = tmp_path / "gpu_train.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--tiny", "--device", "cpu",
-                           "--only", "lora-1b-plain", "lora-1b-auto", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                           *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    plain, auto = json.loads(out.read_text())
+    return done, json.loads(out.read_text())
+
+
+def test_the_gpu_benchmark_runs_both_sides_on_the_same_data(tmp_path):
+    done, (plain, auto) = _bench(tmp_path, "--only", "lora-1b-plain", "lora-1b-auto")
     assert (plain["name"], auto["name"]) == ("lora-1b-plain", "lora-1b-auto")
     assert plain["tokens_per_s"] > 0 and auto["tokens_per_s"] > 0
     # on the CPU auto changes nothing but the loop: the same batches give the same losses
@@ -27,12 +31,7 @@ def test_the_gpu_benchmark_runs_both_sides_on_the_same_data(tmp_path):
 
 
 def test_the_gpu_benchmark_says_where_a_steps_time_went(tmp_path):
-    out = tmp_path / "gpu_train.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--tiny", "--device", "cpu",
-                           "--profile", "--only", "lora-1b-auto", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (auto,) = json.loads(out.read_text())
+    done, (auto,) = _bench(tmp_path, "--profile", "--only", "lora-1b-auto")
     # the matrix products of a 2-layer model's forward and backward lead the CPU's self time
     top = [line.split()[0] for line in auto["profile"].splitlines() if line.strip().startswith("aten::")][0]
     assert top in ("aten::mm", "aten::addmm", "aten::bmm"), auto["profile"]
