@@ -251,6 +251,14 @@ LEAKS = [
     ("person", "Mensah, Siddharth - DOB Nov 7, 1955", "Mensah, Siddharth"),
     ("person", "Per my conversation with Brennan in legal, the contract stands.", "Brennan"),
     ("person", "hey it's Tendai, my new number is below", "Tendai"),
+    # A name in capitals after a title, in records' style.
+    ("person", "Seen by DR. SMITH today", "SMITH"),
+    ("person", "MR. JONES called", "JONES"),
+    ("person", "Patient MRS. O'BRIEN-PATEL", "O'BRIEN-PATEL"),
+    ("person", "DR SMITH reviewed", "SMITH"),
+    ("person", "per PROF. A. KUMAR", "KUMAR"),
+    ("person", "Referred by Dr. MÜLLER", "MÜLLER"),
+    ("person", "MR. JOHN A. SMITH ARRIVED", "JOHN A. SMITH"),
     ("id_number", "Passport No. 12 345 678", "12 345 678"),
     ("id_number", "driver's license D1234567", "D1234567"),
     ("id_number", "NI number: QQ123456C", "QQ123456C"),
@@ -327,6 +335,14 @@ UNTOUCHED = [
     "Give 5 cc Normal Saline",
     "Tickets with San Francisco Giants",
     "flew to Port Elizabeth",
+    # A title in capitals before an ordinary or a short word: a visit, a product, an abbreviation.
+    "DR. VISIT SCHEDULED",
+    "PLEASE CALL THE CLINIC",
+    "ER VISIT",
+    "MS WORD",
+    "MS DOS and MS SQL Server",
+    "MS EXCEL CRASHES",
+    "THE PROFESSOR SAID NO",
 ]
 
 
@@ -393,6 +409,16 @@ def test_a_lone_word_after_a_title_gets_a_fake_surname():
     fake = _fake_of("Dear Ms. Patel, your results are in.", "Patel")
     assert fake.istitle() and fake not in first_names()
     assert _fake_of("Dear Ms. Priya Patel, your results are in.", "Priya Patel").split()[0] in first_names()
+
+
+def test_names_in_capitals_after_a_title_keep_the_title_and_the_capitals():
+    text = "DR. SMITH AND DR. JONES TO REVIEW; MS. LEE IS HERE"
+    assert [f.text for f in PiiRedactor().find(text)] == ["SMITH", "JONES", "LEE"]
+    assert PiiRedactor().redact(text)[0] == "DR. [PERSON] AND DR. [PERSON] TO REVIEW; MS. [PERSON] IS HERE"
+    surname = _fake_of("Seen by DR. SMITH today", "SMITH")
+    assert surname.isupper() and surname.title() not in first_names()
+    given, family = _fake_of("MR. JOHN SMITH ARRIVED", "JOHN SMITH").split()
+    assert given.isupper() and family.isupper() and given.title() in first_names()
 
 
 def test_fake_names_keep_the_case_and_order_of_the_original():

@@ -18,7 +18,8 @@ for phones) or a context word (DOB, MRN, "my name is", ...). Choices worth knowi
   address is flagged (private and loopback ones too, and a bare four-part version such as
   "crashes on 2.8.7.120": without a version word it cannot be told from an address).
   Dates are flagged only near a birth word; a bare year never is.
-* Person names are the weakest type: a title (Mr/Ms/Dr/..., then any word: "dr. nguyen"), a
+* Person names are the weakest type: a title (Mr/Ms/Dr/..., then any word: "dr. nguyen"; a name
+  in capitals, "DR. SMITH", "MR JONES", but not an ordinary word: "DR. VISIT", "MS WORD"), a
   context (``my name is``, ``Patient:``, a sign-off such as ``Thanks,`` closing the line, a role
   such as ``beneficiary`` or ``spoke with``), two capitalised words before ``said``/``has``/...,
   surname-first records ("SMITH, John"), or a first name from ``first_names.txt`` with the
@@ -431,6 +432,16 @@ _CAPITALISED_RUN = re.compile(rf"\b{_NAME}")
 # since short capitalised words are mostly abbreviations (ANA, MIA, EVA).
 _FOUR_CAPITALS = re.compile(r"[A-Z]{4}")
 _CAPS_NAME = re.compile(r"\b(?=(?P<first>[A-Z]{4,})[ \t]+(?P<last>[A-Z]{2,}(?:['’-][A-Z]{2,})?)\b)")
+# A name in capitals after a title in either case, as records write it: "DR. SMITH", "PROF. A. KUMAR",
+# "Mrs O'BRIEN-PATEL". Capitals, like lower case, do not show where a name ends, so its words are
+# judged as lower-case names are: an ordinary word ends the name or shows there was none
+# ("DR. VISIT", "MS WORD"). The run is in a look-ahead so that it does not swallow the next title
+# ("DR. SMITH AND DR. JONES"); the first-letter look-ahead halves the time, as in _PERSON_CONTEXT.
+_CAPS_TOKEN = r"(?:[A-ZÀ-ÖØ-Þ]['’])?[A-ZÀ-ÖØ-Þ]{2,}(?:-[A-ZÀ-ÖØ-Þ]{2,})?"
+_TITLED_CAPS_NAME = re.compile(
+    r"\b(?=[DMPRSdmprs])(?P<title>(?i:mr|mrs|ms|miss|mx|dr|prof|professor|sir|dame|rev))(?P<dot>\.)?"
+    rf"[ \t]+(?:[A-Z]\.[ \t]+)?(?=(?P<v>{_CAPS_TOKEN}(?:[ \t]+(?:[A-Z]\.[ \t]+)?{_CAPS_TOKEN}){{0,2}})\b)"
+)
 # Surname first, as in records and lists: "SMITH, John", "Haddad, Carlos - DOB ...": at the start
 # of a line or after a label, and closed by punctuation or the line's end.
 _INVERTED_NAME = re.compile(
@@ -581,6 +592,7 @@ def _find_person(text: str) -> Iterator[tuple[int, int]]:
               if any(w in names for w in m.group().split())]
     yield from filter(None, spans)
     yield from _names_in_capitals(text)
+    yield from _titled_names_in_capitals(text)
     yield from _inverted_names(text)
     yield from _lower_case_names(text)
 
@@ -590,9 +602,33 @@ def _names_in_capitals(text: str) -> Iterator[tuple[int, int]]:
         return
     for m in _CAPS_NAME.finditer(text):
         last = m.group("last")
-        if m.group("first").title() in first_names() and not _ordinary_word(last.title()) \
-                and last.casefold() not in _LOWER_NOT_NAME:
+        if m.group("first").title() in first_names() and not _plain_in_capitals(last):
             yield m.start("first"), m.end("last")
+
+
+def _plain_in_capitals(word: str) -> bool:
+    """True for a word in capitals that is an ordinary word, not a name: WORD, CLINIC, VISIT, IS."""
+    return _ordinary_word(word.title()) or word.casefold() in _LOWER_NOT_NAME
+
+
+def _titled_names_in_capitals(text: str) -> Iterator[tuple[int, int]]:
+    names = first_names()
+    for m in _TITLED_CAPS_NAME.finditer(text):
+        # A title in capitals without its period is often an abbreviation (MS DOS, MR MRI, DR DB),
+        # so a short word after one must be a listed first name, as in _CAPS_NAME.
+        abbreviation = m.group("title").isupper() and not m.group("dot")
+        kept = []
+        for word in _WORD.finditer(text, *m.span("v")):
+            w = word.group()
+            if w.endswith(".") and len(w) == 2:  # a middle initial, kept only inside the name
+                continue
+            if w.title() not in names and (
+                    _plain_in_capitals(w) or (kept and w.endswith(("ING", "ED", "LY")))
+                    or (not kept and abbreviation and len(w) < 4)):
+                break
+            kept.append(word)
+        if kept:
+            yield kept[0].start(), kept[-1].end()
 
 
 def _inverted_names(text: str) -> Iterator[tuple[int, int]]:
