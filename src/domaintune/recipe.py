@@ -46,6 +46,9 @@ class DedupConfig(_Section):
     exact: bool = Field(True, description="Drop rows whose normalised text repeats an earlier row.")
     near: bool = Field(True, description="Drop near-duplicates (MinHash LSH over shingles).")
     threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of character 5-gram sets from which rows are near-duplicates.")
+    containment: float | None = Field(
+        0.9, gt=0, le=1, description="Leakage: share of the shorter row's character 5-grams found in the other from which "
+                                     "an eval row overlapping a training row is removed (rows of 30 5-grams or more); null: off.")
 
 
 class PiiConfig(_Section):

@@ -122,9 +122,10 @@ def _print_card(card: dict) -> None:
             labels.add_row(escape(label), str(card["labels"]["train"].get(label, 0)), str(card["labels"]["eval"].get(label, 0)))
         out.print(labels)
     dd = card["dedup"]
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in card["reasons"].get("leakage", {}).items())
     out.print(f"duplicates dropped: {sum(card['dropped']['dedup'].values())} "
               f"(of them with different labels: {dd['label_conflicts']}); "
-              f"eval rows leaked from train: {sum(card['dropped']['leakage'].values())}")
+              f"eval rows leaked from train: {sum(card['dropped']['leakage'].values())}" + (f" ({kinds})" if kinds else ""))
 
 
 @data_app.command("prepare")

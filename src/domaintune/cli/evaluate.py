@@ -100,7 +100,7 @@ def compare(
                          compared["task"], {Path(name).name: m for name, m in compared["runs"].items()}))
         for name, metrics in compared["runs"].items():
             if metrics["leaked_rows"]:
-                err.print(f"[yellow]{Path(name).name}: {metrics['leaked_rows']} of these rows duplicate its training rows[/]")
+                err.print(f"[yellow]{Path(name).name}: {metrics['leaked_rows']} of these rows duplicate or overlap its training rows[/]")
             if metrics["gates"]:
                 out.print(f"{Path(name).name}:", highlight=False)
                 print_gates(metrics["gates"])

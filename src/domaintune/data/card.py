@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from domaintune.catalog import sha256_file
+from domaintune.data.dedup import MIN_CONTAINED_SHINGLES
 from domaintune.recipe import Recipe
 
 STEP_TITLES = {
     "validate": "invalid rows",
     "clean": "empty after cleaning",
     "dedup": "duplicates",
-    "leakage": "eval rows duplicating training rows (leakage)",
+    "leakage": "eval rows duplicating or overlapping training rows (leakage)",
     "labels": "eval labels never seen in training",
 }
 MAX_LEAKS_LISTED = 20
@@ -112,11 +113,20 @@ def card_from_tallies(*, spec: Recipe, sources: dict[str, tuple[Path, int]], tra
 
 def _reason_kind(step: str, reason: str) -> str:
     """Reasons without the row they point at, so that they can be counted."""
+    if step == "leakage" and reason.startswith("contain"):  # "contained in training row x (containment 0.93)"
+        return reason.split(" training row")[0] + " a training row"
     if step in ("dedup", "leakage"):
         return reason.split(" duplicate")[0] + " duplicate"
     if step == "labels":
         return "label never occurs in training"
     return reason
+
+
+def _overlap_note(containment: float | None) -> str:
+    if containment is None:
+        return "Eval rows overlapping training rows: not looked for (`containment: null`)."
+    return (f"Eval rows overlapping training rows (containment ≥ {containment}: that share of the shorter row's "
+            f"character 5-grams is in the other, the shorter having {MIN_CONTAINED_SHINGLES} or more) are leakage too.")
 
 
 def _texts(example) -> list[str]:
@@ -162,7 +172,7 @@ def render_card(card: dict[str, Any]) -> str:
     dd = card["dedup"]
     lines += ["", "## Duplicates and leakage", "",
               f"Exact: {dd['exact']}, near-duplicates: {dd['near']} (Jaccard ≥ {dd['threshold']}). "
-              f"Duplicates with different labels: {dd['label_conflicts']}."]
+              f"Duplicates with different labels: {dd['label_conflicts']}. " + _overlap_note(dd.get("containment"))]
     if dd["leaks"]:
         lines += ["", "Eval rows removed as leaked from training:"] + [f"- {x['where']}: {x['reason']}" for x in dd["leaks"]]
     c = card["cleaning"]

@@ -36,6 +36,10 @@ store), 12 per distinct text
 bucket index: 112 bytes at the default threshold's 14 bands), and some 21 bytes per row and band
 of one block. Rows are numbered in 32 bits in the indexes, which caps a store at ``MAX_ROWS``
 rows.
+
+Leakage by containment (``dedup.find_contained``, after the split) runs the search of
+``dedup.contained_leaks`` on the store: the containment band hashes (4 bytes a band per row, a
+fifth file) and the shingle sets are read back from it instead of held in memory.
 """
 
 from __future__ import annotations
@@ -48,13 +52,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from domaintune.data.dedup import NUM_PERM, SEED, DedupResult, exact_key, lsh_shape, shingles_and_minhash
+from domaintune.data.dedup import CONTAINMENT, CONTAINMENT_BANDS, CONTAINMENT_ROWS, MIN_CONTAINED_SHINGLES, NUM_PERM, \
+    SEED, DedupResult, band_hashes, exact_key, leaks_after, lsh_shape, rank_in_runs, shingles_and_minhash
 
 MAX_BUCKET_HEADS = 16
 BLOCK_ROWS = 1 << 16  # rows decided together: large enough to amortise the numpy work per block
 MAX_ROWS = 2**32 - 1
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def exact_hash(text: str) -> int:
@@ -70,6 +73,7 @@ class Fingerprints:
     bands: np.ndarray  # (n, bands) uint32 band hashes; zeros for texts without shingles
     sizes: np.ndarray  # (n,) uint32 distinct shingles per text
     sets: list[np.ndarray] | None = None  # the shingle sets (:func:`~domaintune.data.dedup.shingles`), when held
+    contain: np.ndarray | None = None  # (n, CONTAINMENT_BANDS) uint32 band hashes of the containment banding
 
     @property
     def shingled(self) -> np.ndarray:
@@ -81,47 +85,43 @@ class Fingerprints:
 
 
 def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
-    """Exact keys, LSH band hashes and shingle counts of ``texts`` for a near-duplicate ``threshold``."""
+    """Exact keys, LSH band hashes (for a near-duplicate ``threshold``, and for containment) and
+    shingle counts of ``texts``."""
     bands, rows = lsh_shape(threshold)
+    width = max(bands * rows, CONTAINMENT_BANDS * CONTAINMENT_ROWS)
     sets = []
-    matrix = np.zeros((len(texts), bands * rows), dtype=np.uint64)
+    matrix = np.zeros((len(texts), width), dtype=np.uint64)
     for i, text in enumerate(texts):
         # What ``signature`` is made of, shingle set included: the text is shingled once for both.
         found, minhash = shingles_and_minhash(text, NUM_PERM, SEED)
         sets.append(found.astype(np.uint32))
-        matrix[i] = minhash.hashvalues[: bands * rows]
+        matrix[i] = minhash.hashvalues[:width]
     sizes = np.array([s.size for s in sets], dtype=np.uint32)
-    hashes = _band_hashes(matrix.reshape(len(texts), bands, rows))
-    hashes[sizes == 0] = 0
-    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, sizes, sets)
-
-
-def _band_hashes(parts: np.ndarray) -> np.ndarray:
-    # FNV-1a over the band's 32-bit MinHash values, then a 64-bit finalizer whose high half is
-    # kept: equal bands give equal hashes; a collision only costs an exact check.
-    h = np.full(parts.shape[:2], _FNV_OFFSET)
-    for column in range(parts.shape[2]):
-        h = (h ^ parts[:, :, column]) * _FNV_PRIME
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(29)
-    return (h >> np.uint64(32)).astype(np.uint32)
+    hashes = band_hashes(matrix[:, : bands * rows].reshape(len(texts), bands, rows))
+    contain = band_hashes(matrix[:, : CONTAINMENT_BANDS * CONTAINMENT_ROWS].reshape(
+        len(texts), CONTAINMENT_BANDS, CONTAINMENT_ROWS))
+    hashes[sizes == 0] = contain[sizes == 0] = 0
+    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, sizes, sets, contain)
 
 
 class FingerprintStore:
     """The fingerprints of every row so far, in row order, appended to four files under
-    ``directory`` (exact keys, shingle counts, band hashes, shingle sets) and read back by blocks
-    of rows, and the shingle sets one row at a time."""
+    ``directory`` (exact keys, shingle counts, band hashes, shingle sets; a fifth with the
+    containment band hashes when ``containment``) and read back by blocks of rows, and the shingle
+    sets one row at a time."""
 
-    _DTYPES = {"exact": np.dtype(np.uint64), "sizes": np.dtype(np.uint32), "bands": np.dtype(np.uint32)}
+    _DTYPES = {"exact": np.dtype(np.uint64), "sizes": np.dtype(np.uint32), "bands": np.dtype(np.uint32),
+               "contain": np.dtype(np.uint32)}
 
-    def __init__(self, directory: Path, threshold: float):
+    def __init__(self, directory: Path, threshold: float, containment: bool = False):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threshold = threshold
         self.bands, _ = lsh_shape(threshold)
+        self.containment = containment
         self._rows = 0
-        self._files = {name: open(self._path(name), "wb") for name in [*self._DTYPES, "sets"]}
+        self._names = [name for name in self._DTYPES if containment or name != "contain"]
+        self._files = {name: open(self._path(name), "wb") for name in [*self._names, "sets"]}
         self._starts: np.ndarray | None = None  # where each row's set begins in sets.bin, in shingles
         self._sets: int | None = None  # sets.bin opened for reading
 
@@ -134,10 +134,11 @@ class FingerprintStore:
     def append(self, prints: Fingerprints) -> None:
         if self._rows + len(prints) > MAX_ROWS:
             raise ValueError(f"a fingerprint store holds at most {MAX_ROWS} rows")
-        if prints.sets is None:
-            raise ValueError("appended fingerprints must hold their shingle sets")
-        for name, dtype in self._DTYPES.items():
-            self._files[name].write(np.ascontiguousarray(getattr(prints, name), dtype=dtype).tobytes())
+        if prints.sets is None or (self.containment and prints.contain is None):
+            raise ValueError("appended fingerprints must hold their shingle sets"
+                             + (" and containment band hashes" if self.containment else ""))
+        for name in self._names:
+            self._files[name].write(np.ascontiguousarray(getattr(prints, name), dtype=self._DTYPES[name]).tobytes())
         for found in prints.sets:
             self._files["sets"].write(np.ascontiguousarray(found, dtype=np.uint32).tobytes())
         self._rows += len(prints)
@@ -156,6 +157,10 @@ class FingerprintStore:
             os.close(self._sets)
             self._sets = None
 
+    def shingle_counts(self) -> np.ndarray:
+        """Every row's shingle count, as uint32."""
+        return np.diff(self._starts).astype(np.uint32)
+
     def sizes_of(self, rows: np.ndarray) -> np.ndarray:
         """The shingle counts of ``rows``."""
         return (self._starts[rows + 1] - self._starts[rows]).astype(np.int64)
@@ -165,6 +170,12 @@ class FingerprintStore:
         start, stop = int(self._starts[row]), int(self._starts[row + 1])
         # pread, not a memory map: the pages stay in the page cache, not in this process's RSS.
         return np.frombuffer(os.pread(self._sets, 4 * (stop - start), 4 * start), dtype=np.uint32)
+
+    def contain_bands(self, start: int, stop: int) -> np.ndarray:
+        """The containment band hashes of rows ``start .. stop-1`` (rows × ``CONTAINMENT_BANDS``)."""
+        count = stop - start
+        return np.fromfile(self._path("contain"), dtype=np.uint32, count=count * CONTAINMENT_BANDS,
+                           offset=start * CONTAINMENT_BANDS * 4).reshape(count, CONTAINMENT_BANDS)
 
     def block(self, start: int, stop: int) -> Fingerprints:
         """The fingerprints of rows ``start .. stop-1``."""
@@ -255,19 +266,10 @@ class _Buckets:
             order = np.argsort(hashes[:, band], kind="stable")
             values = hashes[order, band]
             room = MAX_BUCKET_HEADS - (np.searchsorted(known, values, "right") - np.searchsorted(known, values, "left"))
-            take = _rank_in_runs(values) < room
+            take = rank_in_runs(values) < room
             at = np.searchsorted(known, values[take], "right")
             self._hashes[band] = np.insert(known, at, values[take])
             self._rows[band] = np.insert(self._rows[band], at, rows[order][take].astype(np.uint32))
-
-
-def _rank_in_runs(values: np.ndarray) -> np.ndarray:
-    """Each element's place within its run of equal sorted ``values``."""
-    place = np.arange(len(values))
-    if not len(values):
-        return place
-    starts = np.r_[True, values[1:] != values[:-1]]
-    return place - np.maximum.accumulate(np.where(starts, place, 0))
 
 
 def _shared(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -372,6 +374,23 @@ def _may_reach(size: int, sizes: np.ndarray, threshold: float) -> np.ndarray:
     """
     small, large = np.minimum(size, sizes), np.maximum(size, sizes)
     return (large > 0) & (small / np.maximum(large, 1) >= threshold)
+
+
+def contained_leaks_compact(train: Sequence[str], eval: Sequence[str], *, threshold: float = CONTAINMENT,
+                            min_shingles: int = MIN_CONTAINED_SHINGLES,
+                            block_rows: int = BLOCK_ROWS) -> dict[int, tuple[int, str, float]]:
+    """``contained_leaks`` computed with the compact index (fingerprint files in a temporary
+    directory), ``block_rows`` rows at a time."""
+    texts = [*train, *eval]
+    with tempfile.TemporaryDirectory(prefix="contain-") as directory:
+        store = FingerprintStore(Path(directory), 0.85, containment=True)
+        store.append(fingerprint(texts, 0.85))
+        store.close()
+        try:
+            return leaks_after(store, len(train), threshold=threshold, min_shingles=min_shingles,
+                               block_rows=block_rows)
+        finally:
+            store.release()
 
 
 def deduplicate_compact(train: Sequence[str], eval: Sequence[str] = (), *, exact: bool = True, near: bool = True,

@@ -2,7 +2,13 @@
 and a data card that accounts for every row.
 
     read → validate → clean → redact PII → deduplicate (and remove eval rows leaked from train)
-         → split (when there is no eval file) → check eval labels
+         → split (when there is no eval file) → remove eval rows overlapping training rows
+         → check eval labels
+
+Overlap is containment (``data.dedup.containment``): an eval row that is a training row plus a
+sentence, or the other way round, is below the near-duplicate threshold yet was seen in training.
+It is checked after the split, so that a split of one file is checked as an eval file is: the two
+rows of such a pair are both kept by deduplication and may land on either side.
 
 Each step that drops rows records them with the file:line, the step and the reason, so that
 rows in = rows kept + rows dropped by each step, always. ``prepare`` is what ``domaintune run``
@@ -33,11 +39,11 @@ from rich.console import Console
 
 from domaintune.catalog import sha256_file
 from domaintune.data.card import build_card, write_card
-from domaintune.data.dedup import deduplicate
+from domaintune.data.dedup import contained_leaks, containment_reason, deduplicate
 from domaintune.data.readers import iter_rows
 from domaintune.data.split import group_split, holdout_split, time_split
 from domaintune.data.steps import STEPS, Dropped, Example, RowSteps, as_fields, check_split, key_text, make_redactor, \
-    raise_bad_rows
+    overlap_hint, raise_bad_rows
 from domaintune.errors import DataError, RecipeError
 from domaintune.recipe import Recipe
 
@@ -114,6 +120,16 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require
         train, evaluation = _split(train, spec)
         split_note = spec.data.split.by
         # rows that moved from the train file to eval keep "train" as their source in the accounting
+    eval_source = "eval" if "eval" in sources else "train"
+    leaks = {}
+    if d.dedup.containment is not None:
+        with console.status("data: looking for eval rows that overlap training rows"):
+            leaks = contained_leaks([key_text(e) for e in train], [key_text(e) for e in evaluation],
+                                    threshold=d.dedup.containment)
+        for index, (first, kind, value) in sorted(leaks.items()):
+            dropped.append(Dropped(eval_source, "leakage", evaluation[index].where,
+                                   containment_reason(kind, train[first].where, value), as_fields(evaluation[index])))
+        evaluation = [e for index, e in enumerate(evaluation) if index not in leaks]
 
     if spec.task == "classification":
         seen = {e.label for e in train}
@@ -124,7 +140,7 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require
                             hint="add training rows for those labels, remove them from the eval file, "
                                  "or set data.on_bad_rows: skip")
         for e in unseen:
-            dropped.append(Dropped("eval" if "eval" in sources else "train", "labels", e.where,
+            dropped.append(Dropped(eval_source, "labels", e.where,
                                    f"label {e.label!r} never occurs in training", as_fields(e)))
         evaluation = [e for e in evaluation if e.label in seen]
         if len(seen) < 2 and require_rows:
@@ -134,7 +150,7 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require
         raise DataError(f"after the data steps {len(train)} training and {len(evaluation)} eval rows are left",
                         where=str(sources["train"]),
                         hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "
-                             "for what was dropped")
+                             "for what was dropped" + overlap_hint(bool(leaks) and not evaluation))
 
     labels = sorted({e.label for e in train}) if spec.task == "classification" else []
     card = build_card(

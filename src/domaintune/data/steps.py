@@ -272,3 +272,12 @@ def raise_bad_rows(dropped: list[Dropped], total: int | None = None) -> None:
 
 _BAD_ROWS_HINT = ("fix the rows, or set data.on_bad_rows: skip (drop them) or quarantine "
                   "(drop them and write them with the reasons to data/quarantine.jsonl in the run)")
+
+
+def overlap_hint(overlaps_emptied_eval: bool) -> str:
+    """More of the hint for an empty eval set, when dropping eval rows that overlap training rows
+    emptied it: a text every row shares (a long instruction) makes every pair overlap."""
+    if not overlaps_emptied_eval:
+        return ""
+    return ("; eval rows were dropped as overlapping training rows: if every row shares a long text, such as an "
+            "instruction, raise data.dedup.containment or set it to null")

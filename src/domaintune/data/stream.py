@@ -5,18 +5,19 @@
    per row in memory: its offset in the spool, label, split value and lengths; the exact keys,
    MinHash band hashes and shingle sets go to files (``data.dedup_index``).
 2. Decide duplicates and leaks one block of rows at a time, reading back only the shingle sets
-   of candidates.
-3. Split (``data.array_split``), check eval labels, and copy the spooled lines to
-   ``data/train.jsonl`` and ``data/eval.jsonl``, the dropped ones with their reasons to
-   ``data/quarantine.jsonl`` when asked, and write the card.
+   of candidates; split (``data.array_split``); find the eval rows that overlap training rows
+   (containment, ``data.dedup.find_contained``), again by blocks.
+3. Check eval labels, and copy the spooled lines to ``data/train.jsonl`` and ``data/eval.jsonl``,
+   the dropped ones with their reasons to ``data/quarantine.jsonl`` when asked, and write the card.
 
 Memory grows by some 30 bytes per row while reading (plus 8 with a group or time split), and
 while deciding duplicates by 17 bytes per row, 12 per distinct text and at most 8 per LSH band
 for each row kept (``data.dedup_index``), not with the text and not with the number of
-near-duplicate candidates. The per-row steps are ``data.steps.RowSteps``, the ones ``prepare``
-runs; see ``data.prepare`` for where the results can differ from it. Rows dropped by one of the
-first two steps are kept in no list: the card counts them, and ``data/quarantine.jsonl`` holds
-them when ``on_bad_rows: quarantine``.
+near-duplicate candidates; while looking for eval rows that overlap training rows, by 12 bytes per
+row and at most 8 per containment band for each eval row. The per-row steps are
+``data.steps.RowSteps``, the ones ``prepare`` runs; see ``data.prepare`` for where the results can
+differ from it. Rows dropped by one of the first two steps are kept in no list: the card counts
+them, and ``data/quarantine.jsonl`` holds them when ``on_bad_rows: quarantine``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from rich.text import Text
 from domaintune.catalog import sha256_file
 from domaintune.data.array_split import group_mask, holdout_mask, time_mask
 from domaintune.data.card import DroppedTally, SideSummary, card_from_tallies, write_card
+from domaintune.data.dedup import containment_kind, containment_of, containment_reason, find_contained
 from domaintune.data.dedup_index import Decisions, FingerprintStore, Fingerprints, find_duplicates, fingerprint
 from domaintune.data.readers import Row, iter_rows
 from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, from_fields, key_text, make_redactor, \
-    raise_bad_rows, split_field, texts
+    overlap_hint, raise_bad_rows, split_field, texts
 from domaintune.errors import DataError
 from domaintune.progress import Progress
 from domaintune.recipe import Recipe
@@ -78,7 +80,10 @@ def prepare_streaming(spec: Recipe, root: Path, directory: Path, console: Consol
                 if d.on_bad_rows == "error" and spool.bad_rows:
                     raise_bad_rows(spool.bad_rows, spool.dropped.total)
                 decisions = _deduplicate(spool, progress)
-            return _write(spool, decisions, sources, directory, require_rows)
+                kept = decisions.kept if decisions is not None else np.ones(len(spool.offsets), dtype=bool)
+                is_eval = _held_out(spool, kept, "eval" in sources)
+                overlaps = _contained(spool, kept & ~is_eval, kept & is_eval, progress)
+            return _write(spool, decisions, kept, is_eval, overlaps, sources, directory, require_rows)
         finally:
             spool.close()
 
@@ -134,7 +139,7 @@ def _work(task: tuple[str, list[Row]]) -> _Chunk:
         chunk.changed += outcome.changed
         chunk.pii.update(outcome.pii)
         chunk.rows_with_pii += bool(outcome.pii)
-    if spec.data.dedup.exact or spec.data.dedup.near:
+    if _fingerprinted(spec):
         chunk.prints = fingerprint([key_text(e) for e in kept], spec.data.dedup.threshold)
     return chunk
 
@@ -172,7 +177,8 @@ class _Spool:
         self.chars = array("i")  # 32 bits: a row's length, not a file's
         self.words = array("i")
         dedup = spec.data.dedup
-        self.prints = FingerprintStore(directory / "fingerprints", dedup.threshold) if dedup.exact or dedup.near else None
+        self.prints = FingerprintStore(directory / "fingerprints", dedup.threshold,
+                                       containment=dedup.containment is not None) if _fingerprinted(spec) else None
         self.rows_in: dict[str, int] = {}
         self.kept_in: dict[str, int] = {}  # examples spooled per role
         self.dropped = DroppedTally()
@@ -305,24 +311,48 @@ def _deduplicate(spool: _Spool, progress: Progress) -> Decisions | None:
                            on_rows=lambda rows: progress.advance(task, rows))
 
 
-def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: Path,
-           require_rows: bool) -> tuple[dict[str, Any], list[Path]]:
+def _fingerprinted(spec: Recipe) -> bool:
+    dedup = spec.data.dedup
+    return dedup.exact or dedup.near or dedup.containment is not None
+
+
+def _labels(spool: _Spool) -> np.ndarray:
+    return np.frombuffer(spool.label_ids, dtype=np.int32) if len(spool.label_ids) else np.zeros(0, np.int32)
+
+
+def _held_out(spool: _Spool, kept: np.ndarray, eval_file: bool) -> np.ndarray:
+    """Which rows are eval rows: those of the eval file, or the kept rows the split holds out."""
+    n, spec = len(spool.offsets), spool.spec
+    is_eval = np.zeros(n, dtype=bool)
+    if eval_file:
+        is_eval[spool.kept_in["train"]:] = True
+    else:
+        is_eval[kept] = _split(spec, np.flatnonzero(kept), _labels(spool), np.frombuffer(spool.split_values) if
+                               len(spool.split_values) else None)
+    return is_eval
+
+
+def _contained(spool: _Spool, train: np.ndarray, evaluation: np.ndarray, progress: Progress) -> np.ndarray:
+    """Per row, the training row an eval row overlaps (-1: none)."""
+    threshold = spool.spec.data.dedup.containment
+    if threshold is None or not evaluation.any() or not train.any():
+        return np.full(len(train), -1, dtype=np.int64)
+    task = progress.add_task("eval rows overlapping training rows", total=len(spool.prints))
+    return find_contained(spool.prints, train, evaluation, threshold=threshold,
+                          on_rows=lambda rows: progress.advance(task, rows))
+
+
+def _write(spool: _Spool, decisions: Any, kept: np.ndarray, is_eval: np.ndarray, overlaps: np.ndarray,
+           sources: dict[str, Path], directory: Path, require_rows: bool) -> tuple[dict[str, Any], list[Path]]:
     spec, d = spool.spec, spool.spec.data
     n, n_train = len(spool.offsets), spool.kept_in["train"]
-    kept = decisions.kept if decisions is not None else np.ones(n, dtype=bool)
-    is_eval = np.zeros(n, dtype=bool)
-    is_eval[n_train:] = True
-    labels = np.frombuffer(spool.label_ids, dtype=np.int32) if n else np.zeros(0, np.int32)
-    split_note = "eval file"
-    if "eval" not in sources:
-        is_eval = np.zeros(n, dtype=bool)
-        is_eval[kept] = _split(spec, np.flatnonzero(kept), labels, np.frombuffer(spool.split_values) if
-                               len(spool.split_values) else None)
-        split_note = d.split.by
+    labels = _labels(spool)
+    split_note = "eval file" if "eval" in sources else d.split.by
+    leaked = overlaps >= 0
     unseen = np.zeros(n, dtype=bool)
     if spec.task == "classification":
         seen = np.unique(labels[kept & ~is_eval])
-        unseen = kept & is_eval & ~np.isin(labels, seen)
+        unseen = kept & is_eval & ~leaked & ~np.isin(labels, seen)
         if unseen.any() and d.on_bad_rows == "error":
             first = [spool.example(row) for row in np.flatnonzero(unseen)[:3].tolist()]
             places = ", ".join(f"{e.where} ({e.label!r})" for e in first)
@@ -333,12 +363,12 @@ def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: P
             names = {i: name for name, i in spool.label_names.items()}
             raise DataError(f"classification needs at least two labels; training has {sorted(names[i] for i in seen)}",
                             where=str(sources["train"]))
-    train_rows, eval_rows = kept & ~is_eval, kept & is_eval & ~unseen
+    train_rows, eval_rows = kept & ~is_eval, kept & is_eval & ~leaked & ~unseen
     if (not train_rows.any() or not eval_rows.any()) and require_rows:
         raise DataError(f"after the data steps {int(train_rows.sum())} training and {int(eval_rows.sum())} eval rows "
                         "are left", where=str(sources["train"]),
                         hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "
-                             "for what was dropped")
+                             "for what was dropped" + overlap_hint(bool(leaked.any()) and not eval_rows.any()))
 
     conflicts = 0
     if decisions is not None:
@@ -355,6 +385,8 @@ def _write(spool: _Spool, decisions: Any, sources: dict[str, Path], directory: P
                 train_out.write(line)
             elif eval_rows[row]:
                 eval_out.write(line)
+            elif leaked[row]:
+                spool.drop(_overlap(spool, row, int(overlaps[row]), line, eval_role))
             elif unseen[row]:
                 example = spool.example(row)
                 spool.drop(Dropped(eval_role, "labels", example.where, f"label {example.label!r} never occurs in "
@@ -405,6 +437,13 @@ def _duplicate(spool: _Spool, decisions: Any, row: int, line: bytes, n_train: in
     if first < n_train:
         return Dropped("eval", "leakage", where, f"{kind} duplicate of training row {target}", _row_fields(line))
     return Dropped("eval", "dedup", where, f"{kind} duplicate of {target}", _row_fields(line))
+
+
+def _overlap(spool: _Spool, row: int, partner: int, line: bytes, role: str) -> Dropped:
+    sizes = spool.prints.sizes_of(np.array([row, partner]))
+    target = json.loads(spool.line(partner))["where"]
+    reason = containment_reason(containment_kind(sizes[0], sizes[1]), target, containment_of(spool.prints, row, partner))
+    return Dropped(role, "leakage", json.loads(line)["where"], reason, _row_fields(line))
 
 
 def _row_fields(line: bytes) -> dict[str, Any]:

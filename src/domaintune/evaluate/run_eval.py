@@ -321,11 +321,11 @@ def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Con
     """The same evaluation rows through several runs of one task, each against its own base.
 
     The rows are ``data`` as processed by the first run's data steps, or (default) the first run's
-    own held-out rows. ``leaked_rows`` counts, per run, rows that duplicate its training rows
+    own held-out rows. ``leaked_rows`` counts, per run, rows that duplicate or overlap its training rows
     (they stay in, so that every run is scored on the same rows). Every directory and ``gates``
     are checked before any model is loaded. Returns ``{"task", "eval_rows", "data",
     "runs": {run_dir: metrics}}``, each run's metrics with its ``gates``."""
-    from domaintune.data.dedup import deduplicate
+    from domaintune.data.dedup import contained_leaks, deduplicate
 
     if not run_dirs:
         raise DomaintuneError("name at least one run directory to compare")
@@ -350,8 +350,10 @@ def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Con
             run = load_run_model(run_dir)
         train = read_processed(run.run_dir / "data" / "train.jsonl", run.spec.task)
         d = run.spec.data.dedup
-        leaks = deduplicate([key_text(e) for e in train], [key_text(e) for e in evaluation], exact=True, near=d.near,
-                            threshold=d.threshold).eval_leaks
+        train_texts, eval_texts = [key_text(e) for e in train], [key_text(e) for e in evaluation]
+        leaks = set(deduplicate(train_texts, eval_texts, exact=True, near=d.near, threshold=d.threshold).eval_leaks)
+        if d.containment is not None:
+            leaks |= set(contained_leaks(train_texts, eval_texts, threshold=d.containment))
         metrics = {"task": run.spec.task, "eval_rows": len(evaluation), "train_rows": len(train),
                    "leaked_rows": len(leaks), **_evaluate(run, evaluation, train, True, console)}
         runs[str(run.run_dir)] = {**metrics, "gates": [asdict(check_gate(expr, metrics)) for expr in gates or []]}

@@ -216,7 +216,7 @@ def _evaluation_data(recipe: dict, metrics: dict, data: dict | None, run_dir: Pa
         split = data["split"]
         how = "a separate eval file" if split["by"] == "eval file" else f"a {split['by']} split of the training file"
         leaks = sum(data["dropped"]["leakage"].values())
-        lines.append(f"- Held out by {how}; {leaks} eval rows that duplicated training rows were removed (leakage).")
+        lines.append(f"- Held out by {how}; {leaks} eval rows that duplicated or overlapped training rows were removed (leakage).")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ import yaml
 from rich.console import Console
 
 from domaintune.catalog import CATALOG
-from domaintune.data.dedup import deduplicate
+from domaintune.data.dedup import contained_leaks, deduplicate
 from domaintune.data.examples import SFT_SHAPES, ChatExample
 from domaintune.data.prepare import prepare
 from domaintune.data.readers import Row, read_rows
@@ -123,7 +123,7 @@ def assemble(recipe: dict[str, Any], line: list[Ancestor], data_files: list[Path
     with console.status("update: looking for rows that earlier versions already saw"):
         fresh, dropped = _through_steps(learned, update_spec, "train")
         fresh_eval, _ = _through_steps(new_eval, update_spec, "eval")
-        repeated = _seen_before([*fresh, *fresh_eval], line, spec)
+        repeated = _seen_before(fresh, fresh_eval, line, spec)
     learning = [r for r in learned if r["origin"] not in repeated and r["origin"] not in dropped]
     if not learning:
         reasons, examples = _left_out(learned, new_eval, repeated, dropped, feedback)
@@ -414,16 +414,28 @@ def _earlier_rows(line: list[Ancestor], part: str) -> list[dict[str, Any]]:
     return out
 
 
-def _seen_before(fresh: list[Example], line: list[Ancestor], spec: Recipe) -> dict[str, str]:
-    """Origins of the ``fresh`` rows (new and feedback, processed) that duplicate any row, train or
-    eval, of the versions in ``line``, each with the place of the earlier row it repeats."""
+def _seen_before(fresh: list[Example], fresh_eval: list[Example], line: list[Ancestor],
+                 spec: Recipe) -> dict[str, str]:
+    """Origins of the ``fresh`` rows (new and feedback, processed) and the ``fresh_eval`` rows (new
+    held-out) that duplicate any row, train or eval, of the versions in ``line``, or overlap one
+    where either is an eval row (containment: a leak, not a row learned twice), each with the
+    place of the earlier row it repeats."""
     earlier = [(r, part) for part in ("train", "eval") for ancestor in line for r in _rows(ancestor, part)]
+    texts = [key_text(e) for e in [*fresh, *fresh_eval]]
     d = spec.data.dedup
-    result = deduplicate([_text(r) for r, _ in earlier], [key_text(e) for e in fresh], exact=d.exact, near=d.near,
-                         threshold=d.threshold)
-    return {fresh[i].meta["origin"]: f"{earlier[first][0]['where']}, a{'n' * (earlier[first][1] == 'eval')} "
+    result = deduplicate([_text(r) for r, _ in earlier], texts, exact=d.exact, near=d.near, threshold=d.threshold)
+    repeats = {i: first for i, (first, _) in result.eval_leaks.items()}
+    if d.containment is not None:
+        for part, rows in (("eval", range(len(texts))), ("train", range(len(fresh), len(texts)))):
+            places = [i for i, (_, p) in enumerate(earlier) if p == part]
+            overlaps = contained_leaks([_text(earlier[i][0]) for i in places], [texts[i] for i in rows],
+                                       threshold=d.containment)
+            for i, (first, _, _) in overlaps.items():
+                repeats.setdefault(rows[i], places[first])
+    found = [*fresh, *fresh_eval]
+    return {found[i].meta["origin"]: f"{earlier[first][0]['where']}, a{'n' * (earlier[first][1] == 'eval')} "
                                      f"{earlier[first][1]} row"
-            for i, (first, _) in result.eval_leaks.items()}
+            for i, first in repeats.items()}
 
 
 def _kind(source: str) -> str:
