@@ -373,6 +373,59 @@ def test_weak_cues_still_find_people(text, name):
     assert [f.text for f in PiiRedactor().find(text)] == [name]
 
 
+# Names whose first name is not in first_names.txt, found by their context or by another name in the
+# same text (none of these were found before); the names and sentences are not the labelled set's.
+@pytest.mark.parametrize(("text", "names"), [
+    # Greetings and thanks anywhere in the text, one word closed by a comma or "!".
+    ("Good afternoon Zephyrine, your replacement ships today.", ["Zephyrine"]),
+    ("Great news. Hi Leocadia, the part arrived.", ["Leocadia"]),
+    ("Thank you very much Bartosz! It works now.", ["Bartosz"]),
+    # The display name of an address, a party defined in a contract, a role "is", minutes.
+    ("Forwarded message from Teodora Ionescu <t.ionescu@mail.example.org> below", ["Teodora Ionescu"]),
+    ('This lease is between Northgate Estates Ltd and Kalani Mahoe (the "Tenant").', ["Kalani Mahoe"]),
+    ("Your account manager is Nnamdi Okeke, on leave until May.", ["Nnamdi Okeke"]),
+    ("Apologies: Tadeusz Wrona.", ["Tadeusz Wrona"]),
+    ("Ward round: Radu Ionescu presented the overnight admissions.", ["Radu Ionescu"]),
+    # The other names of a list, or of an assignment, that holds a person.
+    ("Present at the review: Carmen Ortiz, Wojciech Zielinski and Ama Owusu.",
+     ["Carmen Ortiz", "Wojciech Zielinski", "Ama Owusu"]),
+    ("Case reassigned to Kalani by Yusuf on Friday.", ["Kalani", "Yusuf"]),
+    # The surname of a name found earlier in the text, on its own.
+    ("Seen with Lucia Venkataraman today. Venkataraman agreed to the plan.", ["Lucia Venkataraman", "Venkataraman"]),
+    # Two rules that each find one end of a four-word name: one finding, no word left out.
+    ("Reply from Ana Luisa Esperanza Ferreira <alef@mail.example.org>: fine.", ["Ana Luisa Esperanza Ferreira"]),
+])
+def test_names_without_a_listed_first_name_are_found_by_context(text, names):
+    assert [f.text for f in PiiRedactor(types=["person"]).find(text)] == names
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("Thanks so much Team! The replacement works.", []),
+    ("Good morning Everyone, the site is back up.", []),
+    ("Good evening Doctor, the rash is worse.", []),
+    ("Many thanks Amazon!", []),
+    ("Great news. Hello World!", []),
+    ("Northwind Helpdesk <helpdesk@northwind.example> wrote:", []),  # a role mailbox
+    ("Reply from Cloud Billing <noreply@cloud.example.com>: invoice attached.", []),
+    ('Acme Cloud Platform ("the Service") is provided as is.', []),  # a defined thing, not a party
+    ('Brightline Holdings Ltd ("the Buyer") agrees.', []),
+    ("Apologies: Sales Ops", []),
+    ("The contact is Customer Service.", []),
+    ("The owner is Finance.", []),
+    ("Ticket assigned to Tier Two by Triage.", []),  # neither side is a person
+    ("Ticket assigned to Yusuf by Triage Bot at 09:00.", ["Yusuf"]),
+    ("Royal Mail collected the parcel on Monday.", []),
+    ("Microsoft Teams opened twice.", []),
+    ("We ship to New York, San Francisco and Los Angeles.", []),
+    ("Windows Update, Microsoft Edge and Google Chrome", []),
+    # A list that holds a person, with a job title, places or departments beside the name.
+    ("Regards, Carmen Ortiz, Account Manager, Northwind Traders", ["Carmen Ortiz"]),
+    ("Carmen Ortiz, Cape Town, South Africa", ["Carmen Ortiz"]),
+    ("Attendees: Carmen Ortiz, Product Management, Finance Team.", ["Carmen Ortiz"]),
+])
+def test_context_cues_leave_teams_things_and_places_alone(text, names):
+    assert [f.text for f in PiiRedactor(types=["person"]).find(text)] == names
+
 def _fake_of(text: str, value: str, secret: str = "k") -> str:
     return _pseudonymise(text, secret)[value]
 

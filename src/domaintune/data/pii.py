@@ -20,13 +20,21 @@ for phones) or a context word (DOB, MRN, "my name is", ...). Choices worth knowi
   Dates are flagged only near a birth word; a bare year never is.
 * Person names are the weakest type: a title (Mr/Ms/Dr/..., then any word: "dr. nguyen"; a name
   in capitals, "DR. SMITH", "MR JONES", but not an ordinary word: "DR. VISIT", "MS WORD"), a
-  context (``my name is``, ``Patient:``, a sign-off such as ``Thanks,`` closing the line, a role
-  such as ``beneficiary`` or ``spoke with``), two capitalised words before ``said``/``has``/...,
-  surname-first records ("SMITH, John"), or a first name from ``first_names.txt`` with the
-  surnames after it. Clinical and support text is full of capitalised words that are not people
-  ("with Crohn's disease", "call Cardiology", "paid with PayPal"), so weak cues (``for``, ``with``,
-  ``call``, ``Dear``, ``I'm``) need a listed first name or a first name and a surname, and without a
-  title, brands, departments, eponyms, organisations and words after a determiner are not names.
+  context (``my name is``, ``Patient:``, a sign-off such as ``Thanks,`` closing the line, a
+  greeting anywhere such as ``Good morning Ines,`` or ``Thanks so much Farah!``, a role such as
+  ``beneficiary`` or ``spoke with``, a roster such as ``Attendees:``), two or three capitalised
+  words before ``said``/``presented``/..., before an address ("Ana Sousa <ana@...>", not a role
+  mailbox such as help@) or before a contract's party ('(the "Tenant")'), surname-first records
+  ("SMITH, John"), or a first name from ``first_names.txt`` with the surnames after it. Clinical
+  and support text is full of capitalised words that are not people ("with Crohn's disease",
+  "call Cardiology", "paid with PayPal"), so weak cues (``for``, ``with``, ``call``, ``Dear``,
+  ``I'm``, ``Apologies:``, ``the contact is``) need a listed first name or a first name and a
+  surname, and without a title, brands, departments, eponyms, organisations and words after a
+  determiner are not names. A name found is evidence within its own text: the surname of a listed
+  first name is a name where it recurs alone ("Rossi said"), the other full names of a list that
+  holds one are names (not job titles: "Ana Sousa, Account Manager"), and so is the other side of
+  "assigned to X by Y". Overlapping names are joined into one finding. A lone unknown word with
+  no cue stays ("Oisin broke the build", "per Thandiwe's note"): "Nurse's note" reads the same.
 
 Pseudonyms are HMAC-SHA256 of the value under the secret, so one secret maps a value to the same
 fake in every row, process and run. Fakes keep the shape but come from ranges that name nobody
@@ -404,9 +412,12 @@ _TITLE = r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Professor|Sir|Dame|Rev)\.?[ \t]+(?:[A-
 #   strong: self-introductions, form labels, the roles people are named by in tickets, notes and
 #     contracts, and talking to someone ("spoke with"): the capitalised words after them are a name;
 #   signoff: the name must end the line ("Thanks, Keiko", not "Thanks, Great service");
-#   greeting: a known first name, first name and surname, or one word closed by a comma
-#     ("Hi Anneliese,", "it's Tendai, my new number");
-#   weak: a known first name, or first name and surname ("for Thandiwe Novak", not "for Chrome").
+#   greeting: a known first name, first name and surname, or one word closed by a comma or "!"
+#     ("Hi Anneliese,", "Good morning Ines,", "Thanks so much Farah!", "it's Tendai, my new number");
+#     anywhere in the text, since replies quote and run on ("Great news. Hi Ruth, ...");
+#   weak: a known first name, or first name and surname ("for Thandiwe Novak", not "for Chrome"); the
+#     roster labels of minutes and the "X is" of roles belong here, because what follows them is as
+#     often a team or a thing ("Apologies: Sales Ops", "the owner is Finance").
 _BEFORE_NAME = (
     r"(?i:(?P<strong>\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|"
     r"\b(?:full\s+|patient\s+|customer\s+)?name\s*:|\battn\.?\s*:?|"
@@ -414,20 +425,42 @@ _BEFORE_NAME = (
     r"\b(?:patient|client|customer|applicant|beneficiary|(?:account|card|policy)\s*holder|claimant|defendant|"
     r"plaintiff|tenant|landlord|employee|candidate|witness|contact|counsel|manager)\s*[:,]?)"
     r"|(?P<signoff>\bsigned,?|\bsincerely,|\bregards,|\bthanks,|\bthank\s+you,|\bcheers,|\bbest,)"
-    r"|(?P<greeting>^hi|^hello|^hey|\bit's|\bthis\s+is)"
-    r"|(?P<weak>\bdear|\bfrom\s*:|\bi['’]m|\bi\s+am|\baccording\s+to|^cc\b:?|\bcc:|\bfor|\bwith|\bcall))"
+    r"|(?P<greeting>\b(?:hi|hello|hey)\b|\bgood\s+(?:morning|afternoon|evening)|"
+    r"\b(?:thanks|thank\s+you)\s+(?:so|very)\s+much|\bmany\s+thanks|\bit's|\bthis\s+is)"
+    r"|(?P<weak>\bdear|\bfrom\s*:|\bi['’]m|\bi\s+am|\baccording\s+to|^cc\b:?|\bcc:|\bfor|\bwith|\bcall|"
+    r"\b(?:attendees|apologies|participants|invitees|in\s+attendance)\s*:|"
+    r"\b(?:contact|manager|supervisor|landlord|owner|assignee)\s+(?:is|was)))"
 )
 # Every cue starts a word with a letter: asserting that first lets the engine leave the other
 # positions at once instead of trying each of the cues there (2.6x faster, the same matches).
 _PERSON_CONTEXT = re.compile(rf"\b(?=[A-Za-z])(?:{_BEFORE_NAME}\s*(?:{_TITLE})?|{_TITLE})(?P<v>{_NAME})",
                              re.MULTILINE)
 _ENDS_WITH_TITLE = re.compile(rf"{_TITLE}$")
-# Two or three capitalised words followed by what people do in reports ("X Y said", "X Y has").
-_NAME_BEFORE_VERB = re.compile(
-    rf"(?P<v>{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{1,2}})(?=[ \t]+(?:said|says|has|had|was|is|will|called|"
-    r"wrote|asked|reported|requested|mentioned|confirmed|agreed|signed|joined|left|phoned|emailed)\b)"
+# Two or three capitalised words followed by what only people do or are: what they do in reports
+# and minutes ("X Y said", "X Y presented"), the display name of an address ("X Y <x@example.org>",
+# but not of a role mailbox: "Northwind Helpdesk <help@...>"), or a party defined in a contract
+# ("X Y (the "Contractor")"; "... ("the Agreement")" names a thing).
+_FULL_NAME = rf"{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{1,2}}"
+_ROLE_MAILBOX = (r"(?i:no-?reply|do-?not-?reply|support|help|helpdesk|info|sales|billing|accounts?|admin|"
+                 r"team|service|contact|hello|notifications?|news|marketing|orders?|returns|careers|jobs|hr|"
+                 r"postmaster|webmaster|abuse|security)(?![a-z])")
+# Parties that are people, or companies named with Ltd, Inc and the like (which _ORG_WORDS drops).
+_PARTY = (r"Contractor|Consultant|Employee|Tenant|Landlord|Licensee|Licensor|Borrower|Lender|Guarantor|Buyer|"
+          r"Seller|Purchaser|Lessee|Lessor|Recipient|Trustee|Executor")
+_NAME_BEFORE_CUE = re.compile(
+    rf"(?P<v>{_FULL_NAME})(?=[ \t]+(?:said|says|has|had|was|is|will|called|wrote|asked|reported|requested|"
+    r"mentioned|confirmed|agreed|signed|joined|left|phoned|emailed|presented|opened|chaired|attended|collected|"
+    r"explained|noted|raised|replied|responded|arrived|declined|refused|complained|described|stated)\b"
+    rf"|[ \t]*<(?!{_ROLE_MAILBOX})[^\s<>@]+@"
+    rf"|[ \t]*\([ \t]*(?:the[ \t]+)?[\"“]?(?:the[ \t]+)?(?:{_PARTY})[\"”]?[ \t]*\))"
 )
 _CAPITALISED_RUN = re.compile(rf"\b{_NAME}")
+_NAME_WORD = re.compile(_NAME_TOKEN)
+# Two or more full names in a row, separated by commas, semicolons, "and" or "&"; and both sides of
+# an assignment ("assigned to Jonas by Mei").
+_LIST_ITEM = re.compile(_FULL_NAME)
+_NAME_LIST = re.compile(rf"{_FULL_NAME}(?:(?:[ \t]*[,;][ \t]*|[ \t]+(?:and|&)[ \t]+){_FULL_NAME})+")
+_ASSIGNMENT = re.compile(rf"\b(?i:(?:re)?assigned[ \t]+to)[ \t]+(?P<to>{_NAME})[ \t]+by[ \t]+(?P<by>{_NAME})")
 # A name in capitals, JOHN SMITH: only a listed first name of four letters or more with a surname,
 # since short capitalised words are mostly abbreviations (ANA, MIA, EVA).
 _FOUR_CAPITALS = re.compile(r"[A-Z]{4}")
@@ -459,7 +492,8 @@ _LOWER_NAME = re.compile(
 _NOT_NAME = frozenset("""
     The This That These Those There Here It I We You They He She Our Your My His Her Their A An And Or But
     Thanks Thank Regards Best Cheers Hi Hello Dear Sincerely Team Support Customer Service Services Sales
-    Billing Admin All Everyone Sir Madam Monday Tuesday Wednesday Thursday Friday Saturday Sunday
+    Billing Admin All Everyone Everybody Folks Guys Colleagues Doctor Nurse Sir Madam
+    Monday Tuesday Wednesday Thursday Friday Saturday Sunday
     January February March April May June July August September October November December
     Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Wed Thu Fri Sat Sun
     Please Ok Okay Yes No Not Sorry Unknown Patient Client Department Office Ltd Inc Corp Group
@@ -473,6 +507,7 @@ _COMMON_WORDS = frozenset("""
     Broken Urgent Important New Free Help Update Example Sale Info Information Note Notes Review Report
     Summary Request Issue Problem Error Question Feedback Welcome Reminder Warning Notice Invoice Order
     World Today Tomorrow Yesterday Morning Afternoon Evening Night Weekend Home Work
+    System Automation Bot Robot Workflow Scheduler Triage Queue Rule
     Apple Amazon Google Microsoft Windows Chrome Firefox Safari Android Python Java Linux Ubuntu Excel Outlook
     Teams Zoom Slack Visa Mastercard Amex Pay Echo Galaxy Pixel Kindle Prime Netflix Spotify Facebook
     Instagram Twitter Samsung Huawei Xiaomi Sony Lenovo Intel Nvidia Visual Studio Code Office Word Cloud
@@ -481,13 +516,23 @@ _COMMON_WORDS = frozenset("""
 # Words that make a run a place, even around a first name: San Francisco, Port Elizabeth, Maria St.
 _PLACE_WORDS = frozenset("""
     New San Santa Saint St Los Las Port Fort Lake Mount Hong Saudi Sri Costa Puerto United Street Road Avenue
+    Cape North South Africa America Kingdom Republic Islands City County
 """.split())
-# Words that make a run an organisation, not a person ("Accounts Payable", "Acme Holdings Ltd").
+# Words that make a run an organisation or a department, not a person ("Accounts Payable", "Acme
+# Holdings Ltd", "Royal Mail", "Product Management").
 _ORG_WORDS = frozenset("""
     Ltd Limited Inc Corp Corporation LLC LLP PLC Plc GmbH Co Company Group Holdings Partners Associates
     Bank Insurance Hospital Clinic Pharmacy Surgery University College School Council Agency Ministry
     Department Dept Services Solutions Systems Technologies Labs Foundation Institute Association
-    Traders Trading Industries Enterprises Accounts Payable Receivable
+    Traders Trading Industries Enterprises Accounts Payable Receivable Developers Maintainers Contributors
+    Committee Mail Post Express Couriers Logistics Airlines Airways Management Marketing Engineering
+    Finance Operations Procurement Compliance Payroll Facilities Security Legal Research
+""".split())
+# Words of job titles, which follow a name in signatures ("Ana Sousa, Senior Account Manager").
+_JOB_WORDS = frozenset("""
+    Manager Director Engineer Officer Assistant Specialist Analyst Consultant Coordinator Executive President
+    Representative Advisor Adviser Administrator Supervisor Lead Head Chief Senior Junior Associate Intern
+    Nurse Surgeon Physician Pharmacist Therapist Technician Agent Partner Secretary Accountant Developer
 """.split())
 # Word endings of English nouns and adjectives that no common name has (Cardiology, Payable).
 _ENGLISH_ENDING = re.compile(r"\w{3,}(?:ology|ologist|iatry|iatrics|ness|tion|sion|ship|able|ible|ful|less|ous)")
@@ -501,7 +546,7 @@ _EPONYM_AFTER = re.compile(r"(?:['’]s)?[ \t]+(?i:disease|syndrome|palsy|sarcom
                            r"maneuver|manoeuvre|procedure|ulcer|reflex|fracture|tumou?r|anomaly)\b")
 _WORD = re.compile(r"\S+")
 _LOWER_WORD_NEXT = re.compile(r"[ \t]+[a-z]")  # a sign-off name runs on into a sentence
-_CLOSES_GREETING = re.compile(r"[ \t]*(?:,|\n|(?:from|here|again|speaking)\b)")
+_CLOSES_GREETING = re.compile(r"[ \t]*(?:[,!]|\n|(?:from|here|again|speaking)\b)")
 # Lower-case words that end a lower-case name, or show there was none ("my name is not listed").
 _LOWER_NOT_NAME = frozenset("""
     a an the and or but nor so yet is was are were be been being am has had have will would can could shall
@@ -531,17 +576,19 @@ def _ordinary_word(word: str) -> bool:
             or _BRAND_CAPS.fullmatch(word) is not None)
 
 
-def _name_span(text: str, start: int, end: int, rule: str = "strong") -> tuple[int, int] | None:
+def _name_span(text: str, start: int, end: int, rule: str = "strong",
+               names: frozenset[str] | None = None) -> tuple[int, int] | None:
     """The name in the capitalised run ``text[start:end]`` found by ``rule``, or None.
 
-    ``rule`` is "title" (after Mr/Dr/...), a cue kind of ``_BEFORE_NAME``, "verb" (before "said"
-    and the like) or "first_name" (the run holds a listed first name). A title vouches for any word.
+    ``rule`` is "title" (after Mr/Dr/...), a cue kind of ``_BEFORE_NAME``, "after" (before "said",
+    an address, a contract's party) or "first_name" (the run holds a known name: ``names``, by
+    default the listed first names). A title vouches for any word.
     Otherwise organisations, eponyms and things after a determiner are dropped; a strong cue or a
     listed first name keeps the name inside a run of ordinary words ("Thanks Maria Great job"), but
     for the weaker rules one such word makes the run a thing ("according to New York Times"), and
     they ask for a listed first name or a first name and a surname."""
     words = [m.span() for m in _WORD.finditer(text, start, end)]
-    names = first_names()
+    names = first_names() if names is None else names
     if rule != "title":
         if any(text[a:b] in _ORG_WORDS or text[a:b] in _PLACE_WORDS for a, b in words):
             return None
@@ -578,23 +625,89 @@ def _name_span(text: str, start: int, end: int, rule: str = "strong") -> tuple[i
     return None
 
 
-def _find_person(text: str) -> Iterator[tuple[int, int]]:
-    spans = []
+def _find_person(text: str) -> list[tuple[int, int]]:
+    found = [span for span in _cued_names(text) if span]
+    found += [*_names_in_capitals(text), *_titled_names_in_capitals(text), *_inverted_names(text),
+              *_lower_case_names(text)]
+    if found:
+        found += [*_names_again(text, found), *_names_listed_with(text, found), *_names_assigned_with(text, found)]
+    return _joined([span for span in found if span])
+
+
+def _joined(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping names as one: a run holds at most three words, so two rules may each find one end of
+    a longer name ("John Paul Adrian" and "Paul Adrian Glaubitz <...>"), and either alone leaks a word."""
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if joined and start < joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(end, joined[-1][1]))
+        else:
+            joined.append((start, end))
+    return joined
+
+
+def _cued_names(text: str) -> Iterator[tuple[int, int] | None]:
     for m in _PERSON_CONTEXT.finditer(text):
         if _ENDS_WITH_TITLE.search(text, m.start(), m.start("v")):
             rule = "title"
         else:
             rule = next(kind for kind in ("strong", "signoff", "greeting", "weak") if m.group(kind) is not None)
-        spans.append(_name_span(text, *m.span("v"), rule))
-    spans += [_name_span(text, *m.span("v"), "verb") for m in _NAME_BEFORE_VERB.finditer(text)]
+        yield _name_span(text, *m.span("v"), rule)
+    for m in _NAME_BEFORE_CUE.finditer(text):
+        yield _name_span(text, *m.span("v"), "after")
     names = first_names()
-    spans += [_name_span(text, *m.span(), "first_name") for m in _CAPITALISED_RUN.finditer(text)
-              if any(w in names for w in m.group().split())]
-    yield from filter(None, spans)
-    yield from _names_in_capitals(text)
-    yield from _titled_names_in_capitals(text)
-    yield from _inverted_names(text)
-    yield from _lower_case_names(text)
+    for m in _CAPITALISED_RUN.finditer(text):
+        if any(w in names for w in m.group().split()):
+            yield _name_span(text, *m.span(), "first_name")
+
+
+# The rules below take a person found by the rules above as evidence for the words around it, within
+# the same text only: a name is written the same way each time, and lists and pairs hold like things.
+
+
+def _names_again(text: str, found: list[tuple[int, int]]) -> Iterator[tuple[int, int] | None]:
+    """Where the surname of a listed first name found in the text occurs again: "Kwame Rossi ...
+    Rossi said". Only the words after a listed first name are taught: a run found by a cue alone
+    may be a thing ("Commons Lang is"), and the words before a first name may start the sentence
+    ("Remove Kwame Rossi"); ordinary words are never taught."""
+    names = first_names()
+    taught = set()
+    for a, b in found:
+        words = _NAME_WORD.findall(text, a, b)
+        first = next((i for i, w in enumerate(words) if w in names), len(words))
+        taught.update(w for w in words[first + 1:] if w not in names and not _ordinary_word(w))
+    taught = {w for w in taught if text.count(w) > 1}  # most texts name a person once: spare the pass
+    if taught:
+        known = names | taught
+        for m in _CAPITALISED_RUN.finditer(text):
+            if any(w in taught for w in m.group().split()):
+                yield _name_span(text, *m.span(), "first_name", known)
+
+
+def _names_listed_with(text: str, found: list[tuple[int, int]]) -> Iterator[tuple[int, int] | None]:
+    """The other full names of a list that holds a person: "Attendees: Mei Lin, Jonas Berg, Ana Sousa".
+    A job title is the line of a signature, not another person ("Ana Sousa, Account Manager")."""
+    for m in _NAME_LIST.finditer(text):
+        items = [item.span() for item in _LIST_ITEM.finditer(text, *m.span())]
+        if any(_overlaps(item, span) for item in items for span in found):
+            for a, b in items:
+                if not any(w in _JOB_WORDS for w in text[a:b].split()):
+                    yield _name_span(text, a, b, "weak")
+
+
+def _names_assigned_with(text: str, found: list[tuple[int, int]]) -> Iterator[tuple[int, int] | None]:
+    """The other side of an assignment whose one side is a person: "assigned to Jonas by Mei"."""
+    if "ssigned" in text:
+        for m in _ASSIGNMENT.finditer(text):
+            to, by = m.span("to"), m.span("by")
+            if any(_overlaps(to, span) for span in found):
+                yield _name_span(text, *by)
+            if any(_overlaps(by, span) for span in found):
+                yield _name_span(text, *to)
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def _names_in_capitals(text: str) -> Iterator[tuple[int, int]]:
