@@ -361,6 +361,43 @@ def test_verify_detects_an_edited_byte_a_missing_file_and_an_added_file(registry
     assert registry.verify(clean.name, clean.version).ok
 
 
+def test_a_changed_run_directory_is_neither_promoted_nor_rolled_back_to(registry, tmp_path):
+    first = registry.register(make_run(tmp_path))
+    registry.promote(first.name, 1, "staging")
+    registry.promote(first.name, 1, "production")
+    second = registry.register(make_run(tmp_path))
+    weights = second.run_dir / "adapter" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    for to in ("staging", "production"):
+        with pytest.raises(RegistryError, match=r"support-intents:2's run directory differs from what was registered: "
+                                                r"adapter/adapter_model.safetensors: sha256") as error:
+            registry.promote(second.name, 2, to, force=True, reason="forcing does not cover changed files")
+        assert "registry verify support-intents:2" in error.value.hint
+    assert registry.get(second.name, 2).stage == "candidate"
+    registry.promote(second.name, 2, "archived", reason="a changed version can still be retired")
+    weights.write_bytes(original)
+    third = registry.register(make_run(tmp_path))
+    registry.promote(third.name, 3, "staging")
+    registry.promote(third.name, 3, "production")
+    (first.run_dir / "adapter" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="support-intents:1's run directory differs.*extra.bin: added after registration"):
+        registry.rollback(first.name, reason="v3 regressed")
+    assert registry.get(first.name, "production").version == 3
+    (first.run_dir / "adapter" / "extra.bin").unlink()
+    assert registry.rollback(first.name, reason="v3 regressed").version == 1
+
+
+def test_gates_recorded_with_their_eval_set_are_refused_naming_it(registry, tmp_path):
+    gates = [{"expr": "difference.accuracy.low >= -0.02", "passed": False, "eval_set": "support-intents:1"},
+             {"expr": "difference.accuracy.low >= -0.02", "passed": True, "eval_set": "new rows"}]
+    version = registry.register(make_run(tmp_path, gates=gates))
+    registry.promote(version.name, 1, "archived", reason="rejected by the update gate")
+    with pytest.raises(PromotionRefused) as refused:
+        registry.promote(version.name, 1, "staging")
+    assert refused.value.reasons == ["gate `difference.accuracy.low >= -0.02` on support-intents:1 failed"]
+
+
 def _tamper(registry: Registry, sql: str) -> None:
     with registry.db.engine.begin() as conn:
         conn.execute(text(sql))

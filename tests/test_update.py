@@ -15,7 +15,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from domaintune.errors import DataError
+from domaintune.cli.registry import registry_app
 from domaintune.cli.update import update as update_command
+from domaintune.registry.errors import PromotionRefused
 from domaintune.registry.store import Registry
 from domaintune.update.updater import update
 
@@ -97,6 +99,17 @@ def test_shuffled_labels_are_rejected_and_production_is_unchanged(registry_url, 
         entry = registry.audit(f"{NAME}:2")[-1]
     assert entry.details["to"] == "archived"
     assert entry.reason.startswith("rejected by the update gate") and "difference.accuracy" in entry.reason
+    # The verdict is in the version's registered metrics: promoting it later is refused, naming the set.
+    gates = rejected.metrics["gates"]
+    assert {g["eval_set"] for g in gates} >= {f"{NAME}:1"} and not all(g["passed"] for g in gates)
+    old = next(c for c in rejected.metrics["update"]["comparisons"] if c["eval_set"] == f"{NAME}:1")
+    assert old["eval_rows"] > rejected.metrics["eval_rows"] and not old["passed"]
+    with Registry(registry_url) as registry, pytest.raises(PromotionRefused, match=f"on {NAME}:1 failed"):
+        registry.promote(NAME, 2, "staging")
+    listed = runner.invoke(registry_app, ["list", NAME, "--registry-url", registry_url], env={"COLUMNS": "300"})
+    assert f"on {NAME}:1's {old['eval_rows']} rows" in listed.output and "gate failed" in listed.output, listed.output
+    shown = runner.invoke(registry_app, ["show", f"{NAME}:2", "--registry-url", registry_url])
+    assert f"update of {NAME}:1" in shown.output and "failed" in shown.output, shown.output
 
 
 def test_dry_run_reports_the_data_and_trains_nothing(registry_url, production, tmp_path):
@@ -112,7 +125,9 @@ def test_dry_run_reports_the_data_and_trains_nothing(registry_url, production, t
                                   "--output-dir", str(tmp_path / "runs"), "--json"])
 
     assert outcome.exit_code == 0, outcome.output
-    summary = json.loads(outcome.output)["data"]
+    printed = json.loads(outcome.output)
+    assert printed["passed"] is None  # a dry run judges nothing
+    summary = printed["data"]
     assert summary["earlier_duplicates_dropped"] == 3
     assert summary["pii_found"] == {"email": 1}
     assert summary["train_rows"]["new"] + summary["eval_rows"] == 3

@@ -73,8 +73,18 @@ def _print_json(value: Any) -> None:
 
 
 def _headline(version: ModelVersion) -> str:
+    """The headline metric with the rows it was measured on; for an update, also what it scored on
+    the earlier versions' frozen eval sets, beside production there: its own new eval rows may be
+    a handful, and a number on 4 rows next to one on 144 misleads."""
     metric, value = version.headline
-    return f"{metric} {value:.4f}" if isinstance(value, (int, float)) else f"{metric} ?"
+    text = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else f"{metric} ?"
+    rows = version.metrics.get("eval_rows")
+    text += f" on {rows} rows" if rows is not None else ""
+    for c in version.metrics.get("update", {}).get("comparisons", []):
+        if c["eval_set"] != "new rows" and isinstance(c.get("candidate"), (int, float)):
+            text += (f"; {c['candidate']:.4f} on {c['eval_set']}'s {c['eval_rows']} rows (production then "
+                     f"{c['production']:.4f}{'' if c['passed'] else ', gate failed'})")
+    return text
 
 
 @registry_app.command("list")
@@ -110,6 +120,8 @@ def show(
     registry_url: RegistryUrl = None,
 ) -> None:
     """Show one version: stage, metrics against the base, gates, lineage and the model's audit history."""
+    from domaintune.registry.policy import gate_name
+
     with _open(registry_url) as registry:
         version = registry.get(*_ref(ref))
         history = registry.audit(version.name)
@@ -131,8 +143,9 @@ def show(
             metrics.add_row(key, f"{base:.4f}" if isinstance(base, (int, float)) else "", f"{tuned:.4f}",
                             f"{interval[0]:.4f}-{interval[1]:.4f}" if interval else "")
     out.print(metrics)
+    _print_update(version.metrics.get("update"))
     for gate in version.metrics.get("gates", []):
-        out.print(f"gate {'[green]passed[/]' if gate.get('passed') else '[red]failed[/]'}: {gate.get('expr')}")
+        out.print(f"gate {'[green]passed[/]' if gate.get('passed') else '[red]failed[/]'}: {escape(gate_name(gate))}")
     base_model = lineage.get("base_model", {})
     out.print(f"base model: {base_model.get('name', '?')} ({len(base_model.get('files', []))} weight files hashed)")
     for data in lineage.get("data", []):
@@ -141,6 +154,21 @@ def show(
     for entry in history:
         out.print(f"  #{entry.seq} {entry.time[:19]} {escape(entry.actor)} {_action(entry)} {escape(entry.target)}"
                   + (f" — {escape(entry.reason)}" if entry.reason else ""), highlight=False)
+
+
+def _print_update(update: dict[str, Any] | None) -> None:
+    """An update's candidate against the production it started from, on the same rows of each eval set."""
+    if not update:
+        return
+    table = Table(title=f"update of {update['parent']}: candidate vs production on the same rows ({update['metric']})")
+    for column in ("eval set", "rows", "production", "candidate", "change 95% interval", "gate"):
+        table.add_column(column)
+    for c in update["comparisons"]:
+        interval = c.get("difference")
+        table.add_row(c["eval_set"], str(c["eval_rows"]), _short(c["production"]), _short(c["candidate"]),
+                      f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "",
+                      "[green]held[/]" if c["passed"] else "[red]failed[/]")
+    out.print(table)
 
 
 def _action(entry: AuditEntry) -> str:

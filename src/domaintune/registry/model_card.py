@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from domaintune.evaluate.metrics import LOWER_IS_BETTER, headline
+from domaintune.registry.policy import gate_name
 
 INTENDED = {
     "classification": "Assigns one of the training labels to a text from the same domain and distribution as the training data.",
@@ -190,7 +191,7 @@ def _metrics(recipe: dict, metrics: dict, lineage: dict) -> str:
         lines.append(f"- Calibration (expected calibration error): base {metrics['base']['ece']:.3f}, "
                      f"tuned {metrics['tuned']['ece']:.3f}.")
     for gate in metrics.get("gates", []):
-        lines.append(f"- Gate `{gate['expr']}`: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate.get('failing', []))}.")
+        lines.append(f"- Gate {gate_name(gate)}: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate.get('failing', []))}.")
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 The rules, each refusable and each overridable only with ``--force`` and a written justification:
 - production takes versions from staging (a candidate is staged first);
 - every gate recorded in metrics.json (``gates: [{"expr": ..., "passed": ...}]``) must have passed;
-  a run without gates (no ``gates`` key, or an empty list) is allowed;
+  a run without gates (no ``gates`` key, or an empty list) is allowed; an update records there the
+  gates it checked candidate against production with (each with its ``eval_set``), so a version
+  the update rejected stays refused;
 - the tuned model must not be worse than its own base: on the task's headline metric
   (classification: accuracy, sft: exact_match, pretrain: perplexity, lower is better) it is
   refused when the paired 95% interval of tuned − base lies entirely on the worse side of 0
@@ -83,10 +85,16 @@ def _check_gates(metrics: dict[str, Any], decision: Decision) -> None:
     if not gates:
         decision.passed.append("no gate recorded")
         return
-    failed = [gate.get("expr", "?") for gate in gates if not gate.get("passed")]
-    decision.refusals += [f"gate `{expr}` failed" for expr in failed]
+    failed = [gate_name(gate) for gate in gates if not gate.get("passed")]
+    decision.refusals += [f"gate {name} failed" for name in failed]
     if not failed:
         decision.passed.append(f"all {len(gates)} recorded gates passed")
+
+
+def gate_name(gate: dict[str, Any]) -> str:
+    """A recorded gate as the policy and the cards name it: its expression, and the eval set it was
+    checked on where that is not the run's own (an update's gates, checked on each earlier version's rows)."""
+    return f"`{gate.get('expr', '?')}`" + (f" on {gate['eval_set']}" if gate.get("eval_set") else "")
 
 
 def _check_base(metrics: dict[str, Any], decision: Decision) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from domaintune.registry import audit as audit_log
 from domaintune.registry import history
-from domaintune.registry.artifacts import RECORDS, check_inputs, read_run_dir
+from domaintune.registry.artifacts import RECORDS, check_artifacts, check_inputs, read_run_dir
 from domaintune.registry.database import Database
 from domaintune.registry.diff import Change, diff_records
 from domaintune.registry.errors import PromotionRefused, RegistryError
@@ -223,6 +223,18 @@ class Registry:
                     checks.append(ArtifactCheck(ref, Path(r.run_dir or "?"), [problem]))
         return VerifyReport(checks, chain)
 
+    def require_unchanged(self, version: ModelVersion) -> None:
+        """Raise unless every file recorded at ``version``'s registration is as it was: what is
+        promoted, served or updated from must be what was registered, reviewed and gated, not
+        merely what ``verify`` would have said if someone had run it."""
+        problems = check_artifacts(version.run_dir, version.artifacts)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise RegistryError(f"{version.ref}'s run directory differs from what was registered: {shown}",
+                                where=str(version.run_dir),
+                                hint=f"`domaintune registry verify {version.ref}` lists every difference; restore the "
+                                     "files, or train and register a new version")
+
     # -- changing --------------------------------------------------------------------------
 
     def register(self, run_dir: str | Path, *, actor: str | None = None) -> ModelVersion:
@@ -264,6 +276,8 @@ class Registry:
             raise RegistryError(f"cannot promote to {to}", hint=f"promote to {', '.join(TARGET_STAGES)}")
         if force and not (reason and reason.strip()):
             raise RegistryError("--force needs a justification", hint="add --reason '<why the policy is overridden>'")
+        if to != "archived":
+            self.require_unchanged(self.get(name, version))  # hashed before the write lock is taken
         with self.db.writing() as session:
             row = _find(session, name, version)
             ref = f"{row.name}:{row.version}"
@@ -321,6 +335,7 @@ class Registry:
                 if current is None and not session.get(RegisteredModel, name):
                     raise _unknown(name)
                 raise RegistryError(f"{name} has no earlier production version to roll back to")
+            self.require_unchanged(ModelVersion.from_row(previous))
             if current is not None:
                 current.stage, current.production_seq = "archived", None
                 session.flush()

@@ -40,6 +40,7 @@ from rich.console import Console
 from domaintune.errors import DataError
 from domaintune.evaluate.gates import check_gate, validate_gate
 from domaintune.registry.errors import PromotionRefused, RegistryError
+from domaintune.registry.policy import headline_metric
 from domaintune.registry.store import ModelVersion, Registry
 from domaintune.update.assemble import Ancestor, Assembly, ancestors, assemble
 from domaintune.update.feedback_rows import FeedbackRows, feedback_rows, parse_since
@@ -79,7 +80,8 @@ class UpdateResult:
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "data": self.assembly.summary(),
                 "settings": self.settings.model_dump(), "run_dir": str(self.run_dir) if self.run_dir else None,
-                "comparisons": self.comparisons, "passed": self.passed, "failing": self.failing,
+                "comparisons": self.comparisons, "passed": self.passed if self.run_dir else None,  # a dry run judged nothing
+                "failing": self.failing,
                 "registered": self.registered, "stage": self.stage}
 
 
@@ -101,6 +103,7 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
     console = console or Console(stderr=True, quiet=True)
     with Registry(registry_url) as registry:
         production = _production(registry, name)
+        registry.require_unchanged(production)  # the update trains from its files
         settings = update_config(production.recipe, {"replay_ratio": replay_ratio, "learning_rate": learning_rate,
                                                      "epochs": epochs, "tolerance": tolerance, "gate": gate,
                                                      "gate_new": gate_new, "preference": preference, "beta": beta})
@@ -135,6 +138,7 @@ def update(name: str, data: list[str | Path] = (), *, feedback: bool = False, fe
             raise
         result.run_dir = run_result.run_dir
         result.comparisons = _compare(result.run_dir, production, line, assembly, gates, console)
+        _record_in_metrics(result)
         version = registry.register(result.run_dir)
         result.registered = version.ref
         _write_record(result, line)  # before the decision too: a refused promotion still leaves the record
@@ -303,6 +307,24 @@ def _too_few_rows(clause: str, compared: dict[str, Any]) -> str:
                     f"{compared['eval_rows']} rows the 95% interval reaches {low:+.4f}; more eval rows{tolerance} "
                     "would settle it")
     return ""
+
+
+def _record_in_metrics(result: UpdateResult) -> None:
+    """Put the update's verdict where the registry reads a version's record, metrics.json, before
+    it is registered (and hashed): its gates, each naming the eval set it held or failed on, and the
+    headline metric of candidate and production on each set. Without them the registry saw only the
+    candidate's own new eval rows (a handful, often), and a version the gate rejected could be
+    promoted later with no gate recorded against it."""
+    path = result.run_dir / "metrics.json"
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    metric = headline_metric(result.task)
+    metrics["gates"] = [*metrics.get("gates", []),
+                        *({**g, "eval_set": c["eval_set"]} for c in result.comparisons for g in c["gates"])]
+    metrics["update"] = {"parent": result.parent, "metric": metric, "comparisons": [
+        {"eval_set": c["eval_set"], "eval_rows": c["eval_rows"], "production": c["production"].get(metric),
+         "candidate": c["candidate"].get(metric), "difference": c["intervals"].get(metric, {}).get("difference"),
+         "passed": all(g["passed"] for g in c["gates"])} for c in result.comparisons]}
+    path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
 def _write_record(result: UpdateResult, line: list[Ancestor]) -> None:
