@@ -22,11 +22,17 @@ sentence, or the other way round, has a Jaccard below 0.85 (the 153 tickets of 2
 recipes/support-intents with a 5-word sentence appended: a median of 0.82), yet the model has seen
 the eval row's content. Containment is the share of the shorter text's shingles found in the
 longer one's, ``|A ∩ B| / min(|A|, |B|)``; from ``CONTAINMENT`` up, and with the shorter text at
-least ``MIN_CONTAINED_SHINGLES`` shingles long, an eval row leaked. The search
-(:func:`find_contained`) indexes the eval rows by a second banding of the same MinHash signature,
-tuned for the lower Jaccard of a containment pair of different lengths, and looks the training
-rows up in it; each candidate is confirmed on the exact containment of the two shingle sets. It
-runs in memory (:class:`ShingleTable`) and on the streaming path's fingerprint files alike.
+least ``MIN_CONTAINED_SHINGLES`` shingles long, an eval row leaked. Containment does not fall with
+the length ratio of the two rows, but their Jaccard does (about c/ρ when one row has ρ times the
+other's shingles), so a MinHash banding misses the pairs that matter most: a question that is the
+first sentence of a long answer, a paragraph cut from a long document. The search
+(:func:`find_contained`) samples the shorter row instead: its bottom-k sketch (its ``SKETCH_SIZE``
+smallest shingle hashes, a uniform sample of its shingles since the hashes are mixed) is indexed,
+the other side's whole shingle sets are looked up, and a pair sharing enough sketch shingles
+(:func:`required_hits`, derived from the threshold) is confirmed on the exact containment of the
+two sets; once each way round, eval rows indexed and then training rows. Recall is the same at
+every length ratio (99.5% at exactly 0.9, more above it; bench/containment_recall.py). It runs in
+memory (:class:`ShingleTable`) and on the streaming path's fingerprint files alike.
 """
 
 from __future__ import annotations
@@ -61,14 +67,29 @@ CONTAINMENT = 0.9
 # shingles), "my account is locked" (16) and "how do i change my password" (23) inside longer
 # tickets. 9% of the tickets are that short; exact and near duplicates of them are still leaks.
 MIN_CONTAINED_SHINGLES = 30
-# Containment candidates: 42 bands of 3 signature values, a pair sharing at least 2 of them. A pair
-# at containment 0.9 has a Jaccard of 0.9 / (ρ + 0.1) when one text has ρ times the other's
-# shingles: it is found with probability 0.997 up to ρ = 1.5, 0.85 at ρ = 2 and 0.28 at ρ = 3
-# (at containment 1.0: 1.0, 0.97, 0.46), while no bucket is full (MAX_CONTAINED_HEADS). One shared band would raise the last to 0.65 but make
-# unrelated pairs candidates too often: at Jaccard 0.02, 42·0.02³ ≈ 3·10⁻⁴ of them, hundreds per
-# query among a million rows; two shared bands, 861·0.02⁶ ≈ 6·10⁻⁸.
-CONTAINMENT_BANDS, CONTAINMENT_ROWS = 42, 3
-MIN_SHARED_BANDS = 2
+# Containment candidates come from bottom-k sketches (:func:`find_contained`): the shorter row of a
+# pair is sampled by its SKETCH_SIZE smallest shingle hashes, and a pair is a candidate when enough
+# of them are in the longer row. Eight makes at most 128 bytes of index per row (a row number, a
+# hash and where its rows begin, a sketch shingle) and, at the default threshold, 5 hits needed: a
+# pair at containment 0.9 reaches them with probability 0.995 whatever the lengths, while a pair
+# at 0.6 does 59% of the time and one at 0.3 6%, each false candidate only costing an exact check
+# (12 would need 8 hits: 0.996, 44% and 1%, for 50% more index and more hits to count).
+SKETCH_SIZE = 8
+# Templated data (the same sentences in thousands of rows) gives some shingles thousands of rows,
+# each then looked at by every scanned row that has the shingle: a quadratic search. So a sketch
+# is taken from the row's shingles found in at most COMMON_ROWS indexed rows (counted
+# approximately), and each shingle of the index keeps its first MAX_POSTINGS rows, which bounds
+# the work per scanned shingle. A row with fewer than SKETCH_SIZE such shingles fills its sketch
+# with its smallest common ones (which the cap may cut off). Skipping common shingles costs recall
+# where they are most of a row: its rare shingles (numbers, names, where two sentences meet) are
+# where two rows of one template differ, so a sketch of them sees a lower containment than the
+# rows have. On the generated tickets of bench/data_scale.py (20 MB, 79,006 distinct rows, 20% of
+# them eval, in process): 1,024 and 256 find 12,859 leaks in 27-32 s; 512 and 256, 12,289 in 13 s;
+# 64 and 64, 11,537 in 16 s; no skipping and 256, 11,968 in 45 s (the cap cuts off more); the
+# MinHash banding this replaced found 13,088 in 18 s there, and missed most pairs of rows of
+# different lengths (see README.md).
+COMMON_ROWS = 1024
+MAX_POSTINGS = 256
 
 
 class _PunctuationToSpace(dict[int, int]):
@@ -334,27 +355,15 @@ def deduplicate(
 
 
 class ShingleTable:
-    """What the containment search needs of texts, held in memory: each text's shingle count, its
-    band hashes in the containment banding and its shingle set (one array for all of them). The
-    on-disk ``FingerprintStore`` offers the same methods."""
-
-    containment = True
+    """What the containment search needs of texts, held in memory: each text's shingle count and
+    its shingle set (one array for all of them). The on-disk ``FingerprintStore`` offers the same
+    methods."""
 
     def __init__(self, texts: Sequence[str]):
-        width = CONTAINMENT_BANDS * CONTAINMENT_ROWS
-        sets, bands = [], []
-        for start in range(0, len(texts), 4096):  # signatures a chunk at a time: 1 KB a text
-            matrix = np.zeros((min(4096, len(texts) - start), width), dtype=np.uint64)
-            for i, text in enumerate(texts[start : start + len(matrix)]):
-                found, minhash = shingles_and_minhash(text)
-                sets.append(found)
-                matrix[i] = minhash.hashvalues[:width]
-            bands.append(band_hashes(matrix.reshape(len(matrix), CONTAINMENT_BANDS, CONTAINMENT_ROWS)))
+        sets = [shingles(text) for text in texts]
         self._counts = np.array([found.size for found in sets], dtype=np.uint32)
         self._starts = np.concatenate([[0], np.cumsum(self._counts, dtype=np.int64)])
-        self._sets = np.concatenate(sets) if sets else np.zeros(0, np.uint32)
-        self._bands = np.concatenate(bands) if bands else np.zeros((0, CONTAINMENT_BANDS), np.uint32)
-        self._bands[self._counts == 0] = 0
+        self._sets = np.concatenate(sets).astype(np.uint32) if sets else np.zeros(0, np.uint32)
 
     def __len__(self) -> int:
         return len(self._counts)
@@ -365,11 +374,12 @@ class ShingleTable:
     def sizes_of(self, rows: np.ndarray) -> np.ndarray:
         return self._counts[rows].astype(np.int64)
 
-    def contain_bands(self, start: int, stop: int) -> np.ndarray:
-        return self._bands[start:stop]
-
     def shingles_of(self, row: int) -> np.ndarray:
         return self._sets[self._starts[row] : self._starts[row + 1]]
+
+    def sets_of(self, start: int, stop: int) -> np.ndarray:
+        """The shingle sets of rows ``start .. stop-1``, one after the other."""
+        return self._sets[self._starts[start] : self._starts[stop]]
 
 
 def contained_leaks(train: Sequence[str], eval: Sequence[str], *, threshold: float = CONTAINMENT,
@@ -392,92 +402,315 @@ def leaks_after(prints, n_train: int, **options) -> dict[int, tuple[int, str, fl
             for row in np.flatnonzero(partner >= 0).tolist()}
 
 
-# Eval rows kept per bucket of the containment index. Templated data fills buckets with rows that
-# share most of their text, and a training row checking all of them makes the search quadratic: on
-# the generated tickets of bench/data_scale.py (a few dozen sentences recombined), with no limit,
-# 16 s for the 20 MB file and 76 s for the 60 MB one. With 64 it finds 99% and 98% of those leaks
-# in 11 and 38 s; with 16, 96% and 94% in 9 and 18 s (the duplicates pass: 7 and 26 s).
-MAX_CONTAINED_HEADS = 64
-_LOOKUP_ROWS = 4096  # training rows whose buckets are looked up together: bounds their spans' memory
+@lru_cache(maxsize=64)
+def required_hits(threshold: float, size: int = SKETCH_SIZE, recall: float = 0.99) -> int:
+    """How many of a row's ``size`` sketch shingles a pair must share to be a candidate: the most
+    that a pair at containment ``threshold`` reaches with probability ``recall`` or more.
+
+    Each sketch shingle of the shorter row is one of its shingles drawn at random (the hashes are
+    uniform), so at containment c it is in the longer row with probability c, and the hits of
+    ``size`` of them are Binomial(size, c) (hypergeometric, drawn without replacement, for a short
+    row: more concentrated, so the recall is the same or higher). Derived from the threshold, not
+    tuned to 0.9: at 1.0 every sketch shingle must be there, at 0.8 three of eight."""
+    def at_least(hits: int) -> float:
+        return sum(math.comb(size, j) * threshold**j * (1 - threshold) ** (size - j) for j in range(hits, size + 1))
+    return max([hits for hits in range(1, size + 1) if at_least(hits) >= recall - 1e-12], default=1)
+
+
+_DF_BITS = 22  # document frequency counters: 4M of them (16 MB); a collision only overstates a count
+_PRESENT_BITS = 23  # a table saying which hashes may be sketch shingles, to skip the rest before searching
+_BLOCK_SHINGLES = 1 << 20  # shingles read at once: bounds a block's arrays (some 30 bytes a shingle)
+_PAIR_BUDGET = 1 << 20  # hits expanded and counted at once, and shingles searched at once to confirm
 
 
 def find_contained(prints, train: np.ndarray, evaluation: np.ndarray, *, threshold: float = CONTAINMENT,
                    min_shingles: int = MIN_CONTAINED_SHINGLES, block_rows: int = 1 << 16,
                    on_rows: Callable[[int], None] | None = None) -> np.ndarray:
-    """For each eval row of ``prints`` (a :class:`ShingleTable`, or a closed ``FingerprintStore``
-    with containment band hashes), the earliest training row it overlaps by ``threshold`` or more
-    (-1: none); ``train`` and ``evaluation`` are masks over the rows.
+    """For each eval row of ``prints`` (a :class:`ShingleTable`, or a closed ``FingerprintStore``),
+    the earliest training row it overlaps by ``threshold`` or more (-1: none); ``train`` and
+    ``evaluation`` are masks over the rows.
 
-    The eval rows, fewer, are indexed: per band, the first ``MAX_CONTAINED_HEADS`` of each bucket.
-    Then the training rows are read in order, ``block_rows`` at a time (``on_rows(k)`` is told after
-    each block of ``k``), and look up theirs: the eval rows sharing ``MIN_SHARED_BANDS`` bands or
-    more with one, and not found before, are confirmed on the exact containment of the two shingle
-    sets. Memory: 8 bytes per row (the result), 4 (shingle counts) and at most 8 per band for each
-    eval row (the index). The earliest training row, not the most overlapping: on templated data an
-    eval row overlaps many, and looking it up ends at the first.
+    Containment is the share of the shorter row's shingles found in the longer one, so the shorter
+    row is sampled: by its sketch, its ``SKETCH_SIZE`` smallest shingle hashes (a uniform sample
+    of its shingles, whatever the other row's length), and a pair sharing ``required_hits`` of
+    them or more is a candidate, confirmed on the exact containment of the two shingle sets. Two
+    passes, one per direction:
+
+    * eval row the shorter (``"contained in"``): the eval rows' sketches are indexed, and the
+      training rows' whole shingle sets are read in order, by blocks, and looked up;
+    * training row the shorter (``"contains"``): the training rows' sketches are indexed, up to
+      4 blocks of them at a time, and the eval rows' sets are looked up in each index.
+
+    An indexed row needs ``required_hits(threshold, k)`` of its ``k`` sketch shingles the index
+    kept (``k`` is ``SKETCH_SIZE`` unless the row is shorter or a posting list was full).
+    ``on_rows(k)`` is told after each block of ``k`` rows of each pass: ``2 * len(prints)`` in all.
+    The earliest training row of those found, not the most overlapping: on templated data an eval
+    row overlaps many, and each pass checks an eval row's candidates in training-row order and
+    stops at the first confirmed.
+
+    Memory: 21 bytes per row (the result, the shingle counts, where each set ends, the hits each
+    indexed row needs); the index, at most ``SKETCH_SIZE`` entries per indexed row, 4 bytes each
+    (a row number) and 12 per distinct hash (the hash, where its rows begin): at most 128 bytes an
+    indexed row, some 32 an entry while it is sorted; the eval rows are indexed in the first pass,
+    4 blocks of training rows at a time in the second. Besides: 16 MB of frequency counters (and
+    32 MB while counting a block), an 8 MB table of the index's hashes, and a block's arrays, about
+    ``_BLOCK_SHINGLES`` shingles and ``_PAIR_BUDGET`` hits at 8 bytes each a few times over.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"containment threshold must be in (0, 1], got {threshold}")
-    if not prints.containment:
-        raise ValueError("the fingerprint store holds no containment band hashes: make it with containment=True")
     min_shingles = max(1, min_shingles)  # a text without shingles overlaps nothing
     counts = prints.shingle_counts()
-    index = _EvalBuckets(prints, evaluation & (counts >= min_shingles), block_rows)
-    partner = np.full(len(prints), -1, dtype=np.int64)
-    for start in range(0, len(prints), block_rows):
-        stop = min(len(prints), start + block_rows)
-        rows = start + np.flatnonzero(train[start:stop] & (counts[start:stop] >= min_shingles))
-        bands = prints.contain_bands(start, stop) if len(rows) and len(index) else None
-        for part in range(0, len(rows) if bands is not None else 0, _LOOKUP_ROWS):
-            chunk = rows[part : part + _LOOKUP_ROWS]
-            lo, hi = index.spans(bands[chunk - start])
-            # A row with fewer than MIN_SHARED_BANDS non-empty buckets has no candidate.
-            for i in np.flatnonzero((hi > lo).sum(axis=1) >= MIN_SHARED_BANDS).tolist():
-                found, shared = np.unique(index.rows(lo[i], hi[i]), return_counts=True)
-                found = found[(shared >= MIN_SHARED_BANDS) & (partner[found] < 0)]
-                if len(found):
-                    partner[found[_overlaps(prints, int(chunk[i]), found, counts[found]) >= threshold]] = chunk[i]
+    search = _Search(prints, counts, threshold, block_rows)
+    eligible = counts >= min_shingles
+    # Eval row the shorter: index the eval rows, scan the training rows.
+    index = search.index(evaluation & eligible, 0, len(prints))
+    for start, stop in search.blocks(0, len(prints)):
+        if len(index):
+            search.scan(index, train & eligible, start, stop, scanned_is_train=True)
         if on_rows:
             on_rows(stop - start)
-    return partner
+    del index
+    # Training row the shorter: index the training rows, 4 blocks at a time, scan the eval rows.
+    group = block_rows * 4
+    for first in range(0, len(prints), group):
+        last = min(len(prints), first + group)
+        index = search.index(train[first:last] & eligible[first:last], first, last)
+        # An eval row already found overlapping an earlier training row than these has no better one here.
+        settled = (search.partner >= 0) & (search.partner < first)
+        if len(index):
+            for start, stop in search.blocks(0, len(prints)):
+                search.scan(index, evaluation & eligible & ~settled, start, stop, scanned_is_train=False)
+        del index, settled
+        if on_rows:
+            on_rows(last - first)
+    return search.partner
 
 
-class _EvalBuckets:
-    """Per containment band, the first ``MAX_CONTAINED_HEADS`` indexed rows of each bucket, as band
-    hashes sorted with their rows in row order."""
+@dataclass
+class _Index:
+    """Sketch shingles of indexed rows: ``keys`` sorted and distinct, the rows of ``keys[i]`` at
+    ``rows[starts[i]:starts[i + 1]]`` (row order, at most ``MAX_POSTINGS``), and ``present``, a
+    table of the low bits of every key."""
 
-    def __init__(self, prints, indexed: np.ndarray, block_rows: int):
-        parts, rows = [], []
-        for start in range(0, len(prints), block_rows):
-            chosen = np.flatnonzero(indexed[start : start + block_rows])
-            if len(chosen):
-                parts.append(prints.contain_bands(start, min(len(prints), start + block_rows))[chosen])
-                rows.append((start + chosen).astype(np.uint32))
-        hashes = np.concatenate(parts) if parts else np.zeros((0, CONTAINMENT_BANDS), np.uint32)
-        rows = np.concatenate(rows) if rows else np.zeros(0, np.uint32)
-        self._hashes, self._rows = [], []
-        for band in range(CONTAINMENT_BANDS):
-            order = np.argsort(hashes[:, band], kind="stable")
-            values = hashes[order, band]
-            take = rank_in_runs(values) < MAX_CONTAINED_HEADS
-            self._hashes.append(values[take])
-            self._rows.append(rows[order][take])
-        self._count = len(rows)
+    keys: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+    present: np.ndarray
 
     def __len__(self) -> int:
-        return self._count
+        return len(self.keys)
 
-    def spans(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each row and band of ``hashes``: where its bucket's rows lie in that band, ``lo`` to ``hi``."""
-        lo, hi = np.empty(hashes.shape, np.int64), np.empty(hashes.shape, np.int64)
-        for band, known in enumerate(self._hashes):
-            lo[:, band] = np.searchsorted(known, hashes[:, band], "left")
-            hi[:, band] = np.searchsorted(known, hashes[:, band], "right")
-        return lo, hi
 
-    def rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """The rows of one row's buckets, a row once per band it shares."""
-        return np.concatenate([self._rows[band][lo[band] : hi[band]] for band in np.flatnonzero(hi > lo).tolist()])
+class _Search:
+    """The state of :func:`find_contained`: per row its partner so far and the hits it needs."""
+
+    def __init__(self, prints, counts: np.ndarray, threshold: float, block_rows: int):
+        self.prints, self.threshold, self.block_rows = prints, threshold, max(1, block_rows)
+        self.counts = counts
+        self.ends = np.cumsum(counts, dtype=np.int64)
+        self.partner = np.full(len(counts), -1, dtype=np.int64)
+        # Hits needed by an indexed row, by how many of its sketch shingles the index kept.
+        self._needed = np.array([0] + [required_hits(threshold, k) for k in range(1, SKETCH_SIZE + 1)], np.uint8)
+        self.need = np.zeros(len(counts), dtype=np.uint8)  # 0: not in the current index
+
+    def blocks(self, start: int, stop: int):
+        """Rows ``start .. stop-1`` in blocks of at most ``block_rows`` rows and, where rows are
+        long, about ``_BLOCK_SHINGLES`` shingles (a block has at least one row)."""
+        while start < stop:
+            end = min(stop, start + self.block_rows)
+            before = self.ends[start - 1] if start else 0
+            end = max(start + 1, min(end, int(np.searchsorted(self.ends, before + _BLOCK_SHINGLES, "right"))))
+            yield start, end
+            start = end
+
+    def read(self, chosen: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows ``chosen`` (a mask over all rows) of ``start .. stop-1``: their numbers, their
+        shingle counts and their shingle sets one after the other."""
+        rows = start + np.flatnonzero(chosen[start:stop])
+        if not len(rows):
+            return rows, np.zeros(0, np.int64), np.zeros(0, np.uint32)
+        sizes = self.counts[start:stop].astype(np.int64)
+        values = self.prints.sets_of(start, stop)
+        if len(rows) < stop - start:
+            values = values[np.repeat(chosen[start:stop], sizes)]
+        return rows, sizes[rows - start], values
+
+    def index(self, chosen: np.ndarray, start: int, stop: int) -> _Index:
+        """The index of the sketches of rows ``chosen`` (a mask over ``start .. stop-1``)."""
+        mask = np.zeros(len(self.counts), dtype=bool)
+        mask[start:stop] = chosen
+        self.need[:] = 0
+        frequency = np.zeros(1 << _DF_BITS, dtype=np.uint32)
+        low = np.uint32((1 << _DF_BITS) - 1)
+        for begin, end in self.blocks(start, stop):  # first how many indexed rows have each shingle
+            _, _, values = self.read(mask, begin, end)
+            if len(values):
+                frequency += np.bincount(values & low, minlength=len(frequency)).astype(np.uint32)
+        keys, rows = [], []
+        for begin, end in self.blocks(start, stop):  # then each row's sketch
+            found, sizes, values = self.read(mask, begin, end)
+            if len(found):
+                sketch, owner = _sketches(values, sizes, frequency[values & low] > COMMON_ROWS)
+                keys.append(sketch)
+                rows.append(found[owner].astype(np.uint32))
+        del frequency
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.uint32)
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.uint32)
+        # Sorted by key, then row; each key keeps its first MAX_POSTINGS rows.
+        both = np.sort((keys.astype(np.uint64) << np.uint64(32)) | rows)
+        del keys, rows
+        keys = (both >> np.uint64(32)).astype(np.uint32)
+        keep = rank_in_runs(keys) < MAX_POSTINGS
+        keys, rows = keys[keep], (both[keep] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        del both
+        new = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
+        starts = np.r_[np.flatnonzero(new), len(keys)].astype(np.int64)
+        kept = np.bincount(rows, minlength=len(self.counts)) if len(rows) else np.zeros(len(self.counts), np.int64)
+        self.need[:] = self._needed[kept]
+        present = np.zeros(1 << _PRESENT_BITS, dtype=bool)
+        present[keys & np.uint32((1 << _PRESENT_BITS) - 1)] = True
+        return _Index(keys[new], starts, rows, present)
+
+    def scan(self, index: _Index, chosen: np.ndarray, start: int, stop: int, *, scanned_is_train: bool) -> None:
+        """Look the rows ``chosen`` of ``start .. stop-1`` up in ``index``, and confirm their
+        candidates: a pair is one when it shares the hits its indexed row (the shorter) needs."""
+        rows, sizes, values = self.read(chosen, start, stop)
+        if not len(rows):
+            return
+        owner = np.repeat(np.arange(len(rows)), sizes)
+        maybe = np.flatnonzero(index.present[values & np.uint32((1 << _PRESENT_BITS) - 1)])
+        at = np.searchsorted(index.keys, values[maybe])
+        found = at < len(index.keys)
+        found[found] = index.keys[at[found]] == values[maybe[found]]
+        at, hit_owner = at[found], owner[maybe[found]]
+        span = index.starts[at + 1] - index.starts[at]
+        # Rows a chunk at a time, so that the hits expanded at once stay within _PAIR_BUDGET.
+        per_row = np.bincount(hit_owner, weights=span, minlength=len(rows)).astype(np.int64)
+        first_hit = np.searchsorted(hit_owner, _chunks(per_row, _PAIR_BUDGET)).tolist()
+        for a, b in zip(first_hit[:-1], first_hit[1:]):
+            if a == b:
+                continue
+            pair_owner = np.repeat(hit_owner[a:b], span[a:b])
+            other = index.rows[_ranges(index.starts[at[a:b]], span[a:b])].astype(np.int64)
+            mine = rows[pair_owner]
+            train_row, eval_row = (mine, other) if scanned_is_train else (other, mine)
+            # The indexed row is the shorter (equal lengths: the eval row), and the pair could
+            # still name an earlier training row than the one found so far.
+            short = sizes[pair_owner] >= self.counts[other] if scanned_is_train \
+                else sizes[pair_owner] > self.counts[other]
+            best = self.partner[eval_row]
+            open_ = short & ((best < 0) | (train_row < best))
+            pairs, hits = np.unique((pair_owner[open_].astype(np.uint64) << np.uint64(32))
+                                    | other[open_].astype(np.uint64), return_counts=True)
+            del pair_owner, other, mine, train_row, eval_row, short, best, open_
+            candidate_owner = (pairs >> np.uint64(32)).astype(np.int64)
+            candidate = (pairs & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            enough = hits >= self.need[candidate]
+            if enough.any():
+                self._confirm(rows, sizes, values, candidate_owner[enough], candidate[enough], scanned_is_train)
+
+    def _confirm(self, rows: np.ndarray, sizes: np.ndarray, values: np.ndarray, owner: np.ndarray,
+                 other: np.ndarray, scanned_is_train: bool) -> None:
+        """Find, per eval row, the earliest training row among the candidates (scanned row
+        ``rows[owner]``, indexed row ``other``) that reaches the threshold.
+
+        An eval row's candidates are checked in training-row order, 1, 2, 4, ... at a time, and no
+        more once one is confirmed: on templated data an eval row that leaked has hundreds of
+        candidates, nearly all of them at the threshold, and checking them all was most of the time.
+        """
+        mine = rows[owner]
+        train_row, eval_row = (mine, other) if scanned_is_train else (other, mine)
+        order = np.lexsort((train_row, eval_row))
+        owner, other, train_row, eval_row = owner[order], other[order], train_row[order], eval_row[order]
+        start = np.flatnonzero(np.r_[True, eval_row[1:] != eval_row[:-1]])
+        end = np.r_[start[1:], len(eval_row)]
+        at, active, step = start.copy(), np.arange(len(start)), 1
+        while len(active):
+            take = np.minimum(step, end[active] - at[active])
+            chosen = _ranges(at[active], take)
+            ok = self._reaches(rows, sizes, values, owner[chosen], other[chosen])
+            # The first confirmed pair of each eval row: its earliest training row of this round.
+            group = np.repeat(active, take)
+            hit, first = np.unique(group[ok], return_index=True)
+            pair = chosen[ok][first]
+            best = self.partner[eval_row[pair]]
+            better = (best < 0) | (train_row[pair] < best)
+            self.partner[eval_row[pair][better]] = train_row[pair][better]
+            at[active] += take
+            done = np.zeros(len(start), dtype=bool)
+            done[hit] = True
+            active = active[~done[active] & (at[active] < end[active])]
+            step *= 2
+
+    def _reaches(self, rows: np.ndarray, sizes: np.ndarray, values: np.ndarray, owner: np.ndarray,
+                 other: np.ndarray) -> np.ndarray:
+        """Whether each pair (scanned row ``rows[owner]``, indexed row ``other``) has a containment
+        of the threshold or more, computed exactly, about ``_PAIR_BUDGET`` shingles at a time."""
+        # In scanned-row order, so that the shingles searched for come nearly sorted (a faster search).
+        order = np.argsort(owner, kind="stable")
+        owner, other = owner[order], other[order]
+        ok = np.zeros(len(owner), dtype=bool)
+        lengths = self.counts[other].astype(np.int64)
+        cuts = _chunks(lengths, _PAIR_BUDGET)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]]
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            mine, theirs_rows = owner[a:b], other[a:b]
+            # The scanned rows' sets, each numbered in the high bits by its place among them: one
+            # sorted array in which the indexed rows' shingles are all searched at once.
+            used, place = np.unique(mine, return_inverse=True)
+            sorted_keys = (np.repeat(np.arange(len(used), dtype=np.uint64), sizes[used]) << np.uint64(32)) \
+                | values[_ranges(starts[used], sizes[used])]
+            theirs, back = np.unique(theirs_rows, return_inverse=True)
+            sets = [self.prints.shingles_of(row) for row in theirs.tolist()]
+            length = np.array([len(found) for found in sets], dtype=np.int64)
+            concatenated = np.concatenate(sets).astype(np.uint32)
+            per_pair = length[back]
+            query = (np.repeat(place.astype(np.uint64), per_pair) << np.uint64(32)) \
+                | concatenated[_ranges(np.r_[0, np.cumsum(length)[:-1]][back], per_pair)]
+            where = np.minimum(np.searchsorted(sorted_keys, query), len(sorted_keys) - 1)
+            common = np.bincount(np.repeat(np.arange(len(mine)), per_pair), weights=sorted_keys[where] == query,
+                                 minlength=len(mine)).astype(np.int64)
+            # The division :func:`containment` makes, in the same float64 rounding.
+            ok[a:b] = common / np.minimum(sizes[mine], per_pair) >= self.threshold
+        back = np.empty_like(ok)
+        back[order] = ok
+        return back
+
+
+def _sketches(values: np.ndarray, sizes: np.ndarray, common: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sketch: its ``SKETCH_SIZE`` smallest shingles that are not ``common``, then, if
+    it has fewer, its smallest common ones. ``values`` are the rows' sets one after the other
+    (each sorted), ``sizes`` their lengths. Returns the sketch shingles and the row of each."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    rare = ~common
+    # Each shingle's place among its row's rare (or common) shingles, in hash order.
+    rare_before = np.cumsum(rare) - rare
+    rare_place = rare_before - rare_before[starts][owner]
+    common_place = np.arange(len(values)) - starts[owner] - rare_place
+    rare_count = np.add.reduceat(rare.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+    take = np.where(rare, rare_place < SKETCH_SIZE, common_place < SKETCH_SIZE - rare_count[owner])
+    return values[take], owner[take]
+
+
+def _chunks(weights: np.ndarray, budget: int) -> np.ndarray:
+    """Cut points 0 = c0 < c1 < ... = len(weights) such that each run's weights sum to at most
+    ``budget``, or is one element."""
+    total = np.cumsum(weights)
+    cuts, at = [0], 0
+    while at < len(weights):
+        nxt = int(np.searchsorted(total, (total[at - 1] if at else 0) + budget, "right"))
+        at = max(at + 1, nxt)
+        cuts.append(min(at, len(weights)))
+    return np.array(cuts, dtype=np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1`` for each i, one after the other."""
+    lengths = lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.arange(total, dtype=np.int64) + np.repeat(starts.astype(np.int64) - ends + lengths, lengths)
 
 
 def _overlaps(prints, row: int, others: np.ndarray, counts: np.ndarray) -> np.ndarray:

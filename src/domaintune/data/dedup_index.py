@@ -38,8 +38,11 @@ of one block. Rows are numbered in 32 bits in the indexes, which caps a store at
 rows.
 
 Leakage by containment (``dedup.find_contained``, after the split) runs the search of
-``dedup.contained_leaks`` on the store: the containment band hashes (4 bytes a band per row, a
-fifth file) and the shingle sets are read back from it instead of held in memory.
+``dedup.contained_leaks`` on the same store: it needs only the shingle counts and sets, read back by
+ranges of rows (:meth:`FingerprintStore.sets_of`) and, for the rows to confirm, one row at a time.
+Its memory: 21 bytes per row, at most 128 per indexed row (8 sketch shingles: 4 bytes a row
+number, 12 a distinct hash) for the eval rows and then for 4 blocks of training rows, and some 100 MB of fixed
+tables and block arrays (see ``find_contained``).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from domaintune.data.dedup import CONTAINMENT, CONTAINMENT_BANDS, CONTAINMENT_ROWS, MIN_CONTAINED_SHINGLES, NUM_PERM, \
-    SEED, DedupResult, band_hashes, exact_key, leaks_after, lsh_shape, rank_in_runs, shingles_and_minhash
+from domaintune.data.dedup import CONTAINMENT, MIN_CONTAINED_SHINGLES, NUM_PERM, SEED, DedupResult, band_hashes, \
+    exact_key, leaks_after, lsh_shape, rank_in_runs, shingles_and_minhash
 
 MAX_BUCKET_HEADS = 16
 BLOCK_ROWS = 1 << 16  # rows decided together: large enough to amortise the numpy work per block
@@ -73,7 +76,6 @@ class Fingerprints:
     bands: np.ndarray  # (n, bands) uint32 band hashes; zeros for texts without shingles
     sizes: np.ndarray  # (n,) uint32 distinct shingles per text
     sets: list[np.ndarray] | None = None  # the shingle sets (:func:`~domaintune.data.dedup.shingles`), when held
-    contain: np.ndarray | None = None  # (n, CONTAINMENT_BANDS) uint32 band hashes of the containment banding
 
     @property
     def shingled(self) -> np.ndarray:
@@ -85,43 +87,36 @@ class Fingerprints:
 
 
 def fingerprint(texts: Sequence[str], threshold: float) -> Fingerprints:
-    """Exact keys, LSH band hashes (for a near-duplicate ``threshold``, and for containment) and
-    shingle counts of ``texts``."""
+    """Exact keys, LSH band hashes (for a near-duplicate ``threshold``), shingle counts and
+    shingle sets of ``texts``."""
     bands, rows = lsh_shape(threshold)
-    width = max(bands * rows, CONTAINMENT_BANDS * CONTAINMENT_ROWS)
     sets = []
-    matrix = np.zeros((len(texts), width), dtype=np.uint64)
+    matrix = np.zeros((len(texts), bands * rows), dtype=np.uint64)
     for i, text in enumerate(texts):
         # What ``signature`` is made of, shingle set included: the text is shingled once for both.
         found, minhash = shingles_and_minhash(text, NUM_PERM, SEED)
         sets.append(found.astype(np.uint32))
-        matrix[i] = minhash.hashvalues[:width]
+        matrix[i] = minhash.hashvalues[: bands * rows]
     sizes = np.array([s.size for s in sets], dtype=np.uint32)
-    hashes = band_hashes(matrix[:, : bands * rows].reshape(len(texts), bands, rows))
-    contain = band_hashes(matrix[:, : CONTAINMENT_BANDS * CONTAINMENT_ROWS].reshape(
-        len(texts), CONTAINMENT_BANDS, CONTAINMENT_ROWS))
-    hashes[sizes == 0] = contain[sizes == 0] = 0
-    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, sizes, sets, contain)
+    hashes = band_hashes(matrix.reshape(len(texts), bands, rows))
+    hashes[sizes == 0] = 0
+    return Fingerprints(np.array([exact_hash(t) for t in texts], dtype=np.uint64), hashes, sizes, sets)
 
 
 class FingerprintStore:
     """The fingerprints of every row so far, in row order, appended to four files under
-    ``directory`` (exact keys, shingle counts, band hashes, shingle sets; a fifth with the
-    containment band hashes when ``containment``) and read back by blocks of rows, and the shingle
-    sets one row at a time."""
+    ``directory`` (exact keys, shingle counts, band hashes, shingle sets) and read back by blocks
+    of rows, and the shingle sets one row or one range of rows at a time."""
 
-    _DTYPES = {"exact": np.dtype(np.uint64), "sizes": np.dtype(np.uint32), "bands": np.dtype(np.uint32),
-               "contain": np.dtype(np.uint32)}
+    _DTYPES = {"exact": np.dtype(np.uint64), "sizes": np.dtype(np.uint32), "bands": np.dtype(np.uint32)}
 
-    def __init__(self, directory: Path, threshold: float, containment: bool = False):
+    def __init__(self, directory: Path, threshold: float):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threshold = threshold
         self.bands, _ = lsh_shape(threshold)
-        self.containment = containment
         self._rows = 0
-        self._names = [name for name in self._DTYPES if containment or name != "contain"]
-        self._files = {name: open(self._path(name), "wb") for name in [*self._names, "sets"]}
+        self._files = {name: open(self._path(name), "wb") for name in [*self._DTYPES, "sets"]}
         self._starts: np.ndarray | None = None  # where each row's set begins in sets.bin, in shingles
         self._sets: int | None = None  # sets.bin opened for reading
 
@@ -134,10 +129,9 @@ class FingerprintStore:
     def append(self, prints: Fingerprints) -> None:
         if self._rows + len(prints) > MAX_ROWS:
             raise ValueError(f"a fingerprint store holds at most {MAX_ROWS} rows")
-        if prints.sets is None or (self.containment and prints.contain is None):
-            raise ValueError("appended fingerprints must hold their shingle sets"
-                             + (" and containment band hashes" if self.containment else ""))
-        for name in self._names:
+        if prints.sets is None:
+            raise ValueError("appended fingerprints must hold their shingle sets")
+        for name in self._DTYPES:
             self._files[name].write(np.ascontiguousarray(getattr(prints, name), dtype=self._DTYPES[name]).tobytes())
         for found in prints.sets:
             self._files["sets"].write(np.ascontiguousarray(found, dtype=np.uint32).tobytes())
@@ -171,11 +165,10 @@ class FingerprintStore:
         # pread, not a memory map: the pages stay in the page cache, not in this process's RSS.
         return np.frombuffer(os.pread(self._sets, 4 * (stop - start), 4 * start), dtype=np.uint32)
 
-    def contain_bands(self, start: int, stop: int) -> np.ndarray:
-        """The containment band hashes of rows ``start .. stop-1`` (rows × ``CONTAINMENT_BANDS``)."""
-        count = stop - start
-        return np.fromfile(self._path("contain"), dtype=np.uint32, count=count * CONTAINMENT_BANDS,
-                           offset=start * CONTAINMENT_BANDS * 4).reshape(count, CONTAINMENT_BANDS)
+    def sets_of(self, start: int, stop: int) -> np.ndarray:
+        """The shingle sets of rows ``start .. stop-1``, one after the other (one read)."""
+        first, last = int(self._starts[start]), int(self._starts[stop])
+        return np.frombuffer(os.pread(self._sets, 4 * (last - first), 4 * first), dtype=np.uint32)
 
     def block(self, start: int, stop: int) -> Fingerprints:
         """The fingerprints of rows ``start .. stop-1``."""
@@ -383,7 +376,7 @@ def contained_leaks_compact(train: Sequence[str], eval: Sequence[str], *, thresh
     directory), ``block_rows`` rows at a time."""
     texts = [*train, *eval]
     with tempfile.TemporaryDirectory(prefix="contain-") as directory:
-        store = FingerprintStore(Path(directory), 0.85, containment=True)
+        store = FingerprintStore(Path(directory), 0.85)
         store.append(fingerprint(texts, 0.85))
         store.close()
         try:

@@ -13,8 +13,9 @@
 Memory grows by some 30 bytes per row while reading (plus 8 with a group or time split), and
 while deciding duplicates by 17 bytes per row, 12 per distinct text and at most 8 per LSH band
 for each row kept (``data.dedup_index``), not with the text and not with the number of
-near-duplicate candidates; while looking for eval rows that overlap training rows, by 12 bytes per
-row and at most 8 per containment band for each eval row. The per-row steps are
+near-duplicate candidates; while looking for eval rows that overlap training rows, by 21 bytes per
+row and at most 128 per indexed row (the eval rows, then 4 blocks of training rows), plus some 100 MB
+of fixed tables and block arrays (``data.dedup.find_contained``). The per-row steps are
 ``data.steps.RowSteps``, the ones ``prepare`` runs; see ``data.prepare`` for where the results can
 differ from it. Rows dropped by one of the first two steps are kept in no list: the card counts
 them, and ``data/quarantine.jsonl`` holds them when ``on_bad_rows: quarantine``.
@@ -177,8 +178,7 @@ class _Spool:
         self.chars = array("i")  # 32 bits: a row's length, not a file's
         self.words = array("i")
         dedup = spec.data.dedup
-        self.prints = FingerprintStore(directory / "fingerprints", dedup.threshold,
-                                       containment=dedup.containment is not None) if _fingerprinted(spec) else None
+        self.prints = FingerprintStore(directory / "fingerprints", dedup.threshold) if _fingerprinted(spec) else None
         self.rows_in: dict[str, int] = {}
         self.kept_in: dict[str, int] = {}  # examples spooled per role
         self.dropped = DroppedTally()
@@ -337,7 +337,8 @@ def _contained(spool: _Spool, train: np.ndarray, evaluation: np.ndarray, progres
     threshold = spool.spec.data.dedup.containment
     if threshold is None or not evaluation.any() or not train.any():
         return np.full(len(train), -1, dtype=np.int64)
-    task = progress.add_task("eval rows overlapping training rows", total=len(spool.prints))
+    # Two passes over the rows, one per direction (eval row the shorter, training row the shorter).
+    task = progress.add_task("eval rows overlapping training rows", total=2 * len(spool.prints))
     return find_contained(spool.prints, train, evaluation, threshold=threshold,
                           on_rows=lambda rows: progress.advance(task, rows))
 
