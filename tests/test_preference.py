@@ -83,7 +83,8 @@ def test_the_loss_is_taken_on_the_answers_only(llama):
 
 def record(rating: int | None, correction: str | None, answer: str = "red .") -> FeedbackRecord:
     prompt = chat_prompt([{"role": "user", "content": "what is the colour of sky ?"}])
-    return FeedbackRecord(id=f"fb-{rating}-{correction}-{answer}", response_id="r1", model=NAME, prompt=prompt,
+    return FeedbackRecord(id=f"fb-{rating}-{correction}-{answer}", response_id=f"r-{rating}-{correction}-{answer}",
+                          model=NAME, prompt=prompt,
                           answer=answer, rating=rating, correction=correction, reviewer="ana", comment=None,
                           created_at="2025-06-01T00:00:00+00:00")
 

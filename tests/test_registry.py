@@ -320,6 +320,8 @@ def test_a_version_archived_by_hand_is_not_a_rollback_target(registry, tmp_path)
         version = registry.register(make_run(tmp_path))
         registry.promote(version.name, version.version, "staging")
         registry.promote(version.name, version.version, "production")
+    with pytest.raises(RegistryError, match="move of the production version support-intents:2 to archived needs a reason"):
+        registry.promote("support-intents", 2, "archived")
     registry.promote("support-intents", 2, "archived", reason="pulled")
     assert registry.list(stage="production") == []
     assert registry.rollback("support-intents", reason="restore the last good one").version == 1

@@ -77,6 +77,23 @@ def test_compare_runs_scores_the_same_rows_through_each_run(classification_recip
     assert compared["runs"][str(first)]["leaked_rows"] == 0
     recorded = json.loads((first / "metrics.json").read_text())
     assert compared["runs"][str(first)]["tuned"]["accuracy"] == pytest.approx(recorded["tuned"]["accuracy"])
+    # The second run against the first, paired on the same rows.
+    assert list(compared["versus_first"]) == [str(second)]
+    versus = compared["versus_first"][str(second)]["accuracy"]
+    accuracy = [compared["runs"][str(r)]["tuned"]["accuracy"] for r in (first, second)]
+    assert versus["change"] == pytest.approx(accuracy[1] - accuracy[0])
+    assert versus["difference"][0] <= versus["change"] <= versus["difference"][1] and 0 < versus["p_value"] <= 1
+
+    from domaintune.cli.evaluate import compare
+
+    import typer
+
+    app = typer.Typer()
+    app.command("compare")(compare)
+    app.command("other")(lambda: None)
+    done = runner.invoke(app, ["compare", str(first), str(second), "--quiet"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert f"tuned against {first.name}'s tuned" in done.output and f"{versus['change']:+.4f}" in done.output
 
 
 def test_cli_eval_prints_json_and_exits_3_on_a_failed_gate(classification_run):

@@ -587,7 +587,7 @@ def test_promotion_is_served_without_restart(colour_runs, tmp_path):
         pool.executor.submit(lambda: None).result()  # the detach runs on the model thread
         assert in_flight.adapter not in backend.adapters
 
-        registry.promote("colours", second.version, "archived")
+        registry.promote("colours", second.version, "archived", reason="test: pulled")
         wait_for(client, None)
         assert _error(client.post("/v1/chat/completions", json=chat_body("colours", "sky")), 404)
     registry.close()

@@ -73,7 +73,7 @@ def test_promotion_rollback_and_archive_followed_by_a_running_server(sft_recipe,
         wait_for_version(client, 1, process)
         assert answers(client) == expected[1]
 
-        registry.promote(NAME, 1, "archived")
+        registry.promote(NAME, 1, "archived", reason="test: pulled")
         wait_for_version(client, None, process)
         with pytest.raises(openai.NotFoundError) as missing:
             answers(client)

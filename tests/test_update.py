@@ -237,6 +237,20 @@ def test_a_gate_failed_by_a_wide_interval_says_the_evidence_is_insufficient():
     assert "insufficient" not in update_gate(earlier, dropped)["failing"][0]  # a measured drop is one
 
 
+def test_the_report_gives_a_verdict_only_on_the_metrics_a_gate_checked():
+    from domaintune.update.report import _verdict
+    from domaintune.update.updater import update_gate
+
+    compared = {"eval_rows": 40, "base": {"exact_match": 0.25, "rouge_l": 0.75}, "tuned": {"exact_match": 0.25,
+                "rouge_l": 0.29}, "intervals": {"exact_match": {"difference": [-0.1, 0.1]}}}
+    held = [update_gate("difference.exact_match.low >= -0.2", compared)]
+    assert [_verdict(m, held) for m in ("exact_match", "rouge_l")] == ["held", "not gated"]
+    failed = [update_gate("difference.exact_match.low >= 0 and tuned.rouge_l >= 0.5", compared)]
+    assert [_verdict(m, failed) for m in ("exact_match", "rouge_l")] == ["**failed**", "**failed**"]
+    only_rouge = [update_gate("difference.exact_match.low >= -0.2 and tuned.rouge_l >= 0.5", compared)]
+    assert [_verdict(m, only_rouge) for m in ("exact_match", "rouge_l")] == ["held", "**failed**"]
+
+
 def test_one_correction_replays_every_label_and_errors_name_the_inputs(registry_url, tmp_path):
     # One row at replay_ratio 0.5 gave no replay at all: training lacked labels that production's
     # eval set has, and the update stopped naming its own temporary eval file.

@@ -39,6 +39,19 @@ def _table(title: str, task: str, runs: dict[str, dict]) -> Table:
     return table
 
 
+def _versus_table(compared: dict) -> Table:
+    """Each later run's tuned model against the first run's, paired on the same rows."""
+    reference = Path(next(iter(compared["runs"]))).name
+    table = Table(title=f"tuned against {reference}'s tuned, row by row on the same rows")
+    for column in ("run", "metric", "change", "95% interval", "p"):
+        table.add_column(column, justify="left" if column in ("run", "metric") else "right")
+    for name, metrics in compared["versus_first"].items():
+        for metric, d in metrics.items():
+            table.add_row(Path(name).name, metric, f"{d['change']:+.4f}",
+                          f"{d['difference'][0]:+.4f} to {d['difference'][1]:+.4f}", f"{d['p_value']:.2g}")
+    return table
+
+
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (what `domaintune run` printed).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on this file (same schema as the run's data) instead of the run's held-out rows; it goes through the run's data steps.")] = None,
@@ -75,11 +88,12 @@ def eval_(
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories of one task.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on this file (processed by the first run's data steps) instead of the first run's held-out rows.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object {task, eval_rows, data, runs: {run_dir: metrics}}.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object {task, eval_rows, data, runs: {run_dir: metrics}, versus_first: {run_dir: {metric: {change, difference, p_value}}}}.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     gate: Annotated[Optional[list[str]], typer.Option("--gate", help=GATE_HELP)] = None,
 ) -> None:
-    """The same evaluation rows through several runs, each against its own base, side by side.
+    """The same evaluation rows through several runs, each against its own base, side by side, and
+    each later run against the first on the same rows (the change, its paired 95% interval, p).
 
     Exit codes: 0 done, 2 a problem with a run or the data, 3 a gate failed for some run.
     """
@@ -98,6 +112,8 @@ def compare(
     else:
         out.print(_table(f"{compared['task']}: {compared['eval_rows']} rows of {compared['data']['file']}",
                          compared["task"], {Path(name).name: m for name, m in compared["runs"].items()}))
+        if any(compared["versus_first"].values()):
+            out.print(_versus_table(compared))
         for name, metrics in compared["runs"].items():
             if metrics["leaked_rows"]:
                 err.print(f"[yellow]{Path(name).name}: {metrics['leaked_rows']} of these rows duplicate or overlap its training rows[/]")

@@ -300,7 +300,7 @@ def verify(
         _print_json({"ok": report.ok, "versions": [asdict(c) for c in report.versions], "audit": asdict(report.audit)})
     else:
         for check in report.versions:
-            mark = "[green]ok[/]" if not check.problems else f"[red]{len(check.problems)} problems[/]"
+            mark = "[green]ok[/]" if not check.problems else f"[red]{len(check.problems)} problem{'s' if len(check.problems) != 1 else ''}[/]"
             out.print(f"{check.ref}: {mark}  ({check.run_dir})", highlight=False)
             for problem in check.problems:
                 out.print(f"  {problem}", highlight=False, markup=False)

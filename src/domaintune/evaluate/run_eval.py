@@ -27,7 +27,7 @@ from domaintune.errors import DataError, DomaintuneError, ResourceError
 from domaintune.evaluate import metrics as M
 from domaintune.evaluate.comparison import compare_classification, compare_generation
 from domaintune.evaluate.gates import check_gate, validate_gate
-from domaintune.evaluate.intervals import bootstrap_interval
+from domaintune.evaluate.intervals import bootstrap_interval, paired_intervals
 from domaintune.recipe import Recipe, load_recipe
 
 Example = TextExample | ChatExample
@@ -172,20 +172,26 @@ def _limit(examples: list, spec: Recipe) -> list:
 
 
 def _evaluate(run: LoadedRun, evaluation: list[Example], train: list[Example], include_base: bool,
-              console: Console) -> dict:
+              console: Console) -> tuple[dict, dict[str, list[float]]]:
+    """The run's metrics on ``evaluation``, and the tuned model's per-row scores (``{"accuracy":
+    [1.0, 0.0, ...]}``; exact match and ROUGE-L for sft; none for pretrain, whose perplexity is
+    pooled), which pair it with another run on the same rows."""
     spec = run.spec
     if spec.task == "classification":
         result = _evaluate_classification(run, evaluation, train, include_base, console)
     else:
         result = _evaluate_causal(run, evaluation, train, include_base, console)
-    if spec.evaluate.slices and include_base:
+    rows = result.pop("_rows", None) or []
+    if spec.evaluate.slices and include_base and rows:
         from domaintune.evaluate.slices import classification_score, mean_scores, slice_metrics
 
-        rows, score = result.pop("_rows"), (classification_score if spec.task == "classification" else mean_scores)
-        if rows:
-            result["slices"] = [slice_metrics(rows, name, score) for name in spec.evaluate.slices]
-    result.pop("_rows", None)
-    return result
+        score = classification_score if spec.task == "classification" else mean_scores
+        result["slices"] = [slice_metrics(rows, name, score) for name in spec.evaluate.slices]
+    if spec.task == "classification":
+        scores = {"accuracy": [float(r["tuned"] == r["label"]) for r in rows]}
+    else:
+        scores = {name: [r["tuned"][name] for r in rows] for name in (rows[0]["tuned"] if rows else {})}
+    return result, scores
 
 
 def _evaluate_classification(run: LoadedRun, evaluation: list[TextExample], train: list[TextExample],
@@ -296,7 +302,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, console
     if not evaluation:
         raise DataError("no evaluation rows are left after the run's data steps", where=str(data),
                         hint="see the dropped counts with `domaintune data inspect`")
-    result = _evaluate(run, evaluation, train, include_base, console)
+    result, _ = _evaluate(run, evaluation, train, include_base, console)
     metrics = {"run_dir": str(run.run_dir), "task": run.spec.task, "eval_rows": len(evaluation),
                "train_rows": len(train), "data": source, **result}
     return {**metrics, "gates": [asdict(check_gate(expr, metrics)) for expr in gates or []]}
@@ -344,7 +350,7 @@ def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Con
     else:
         evaluation, source = prepare_eval_file(first, Path(data), first_train, console)
     evaluation = _limit(evaluation, first)
-    runs = {}
+    runs, scores = {}, {}
     for run_dir in run_dirs:
         with console.status(f"loading {Path(run_dir).name}"):
             run = load_run_model(run_dir)
@@ -354,10 +360,32 @@ def compare_runs(run_dirs: list, data: str | Path | None = None, *, console: Con
         leaks = set(deduplicate(train_texts, eval_texts, exact=True, near=d.near, threshold=d.threshold).eval_leaks)
         if d.containment is not None:
             leaks |= set(contained_leaks(train_texts, eval_texts, threshold=d.containment))
+        result, scores[str(run.run_dir)] = _evaluate(run, evaluation, train, True, console)
         metrics = {"task": run.spec.task, "eval_rows": len(evaluation), "train_rows": len(train),
-                   "leaked_rows": len(leaks), **_evaluate(run, evaluation, train, True, console)}
+                   "leaked_rows": len(leaks), **result}
         runs[str(run.run_dir)] = {**metrics, "gates": [asdict(check_gate(expr, metrics)) for expr in gates or []]}
         del run  # one run's weights in memory at a time
-    return {"task": first.task, "eval_rows": len(evaluation), "data": source, "runs": runs}
+    return {"task": first.task, "eval_rows": len(evaluation), "data": source, "runs": runs,
+            "versus_first": _versus_first(scores)}
+
+
+def _versus_first(scores: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict]]:
+    """Each later run against the first, row by row on the same rows: per metric, the change in
+    its mean, the paired 95% bootstrap interval of that change and a paired test's p-value. Two
+    runs' own intervals against their own bases cannot say which of the two is better; this can.
+    Empty for pretraining (perplexity is pooled over the rows, there is nothing to pair)."""
+    from domaintune.evaluate.significance import mcnemar, paired_bootstrap_p
+
+    first, *later = scores.values()
+    out = {}
+    for name, theirs in zip(list(scores)[1:], later):
+        out[name] = {}
+        for metric, values in theirs.items():
+            mine, reference = np.asarray(values, dtype=float), np.asarray(first[metric], dtype=float)
+            binary = metric in ("accuracy", "exact_match")
+            p = mcnemar(reference > 0, mine > 0)["p_value"] if binary else paired_bootstrap_p(reference, mine)
+            out[name][metric] = {"change": float(mine.mean() - reference.mean()),
+                                 "difference": paired_intervals(reference, mine)["difference"], "p_value": float(p)}
+    return out
 
 

@@ -285,6 +285,8 @@ class Registry:
                 raise RegistryError(f"{ref} is already {to}")
             if row.stage == "production" and to != "archived":
                 raise RegistryError(f"{ref} is in production", hint=f"promote another version, or `rollback {row.name}`")
+            if row.stage == "production":  # archiving it leaves the name with nothing to serve
+                _require_reason(reason, f"move of the production version {ref} to archived")
             current = _production(session, row.name) if to == "production" else None
             decision = Decision() if to == "archived" else check_promotion(
                 row.stage, to, row.metrics, (f"{current.name}:{current.version}", current.metrics) if current else None,

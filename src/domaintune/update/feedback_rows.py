@@ -3,7 +3,8 @@
 A correction becomes a row of the model's task: a relabelled text for classification, a chat
 with the corrected answer for sft. Each row carries ``source: feedback:<id>`` and the reviewer,
 so lineage says where it came from. Feedback a row cannot be made from (a rating alone, a batch
-of texts answered at once, or a pretraining model) is counted, not used.
+of texts answered at once, or a pretraining model) is counted, not used, and so is a correction
+that a later one of the same response replaced.
 
 With ``preference`` an sft correction of an answer rated bad (``BAD_RATING`` or lower) is also a
 preference pair: the correction chosen over the answer the server gave, which is kept in
@@ -61,8 +62,17 @@ def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
     ``{messages}``: the shapes of a run's processed data. With ``preference``, sft corrections of
     answers rated bad are also pairs (``rejected``)."""
     out = FeedbackRows()
+    latest = _latest_corrections(records)
     for record in records:
-        if record.id in used:
+        newer = latest.get(record.response_id)
+        if record.correction and newer is not None and newer is not record:
+            # Two reviewers correcting one answer differently must not train on both (the data
+            # steps would keep the first as a duplicate, silently): the later correction stands.
+            # The ids and reviewers say whose correction was replaced, not the texts (which are
+            # redacted only later, by the data steps).
+            out.skipped[f"superseded by a later correction of the same response ({record.id} by "
+                        f"{record.reviewer or 'no reviewer'} -> {newer.id} by {newer.reviewer or 'no reviewer'})"] += 1
+        elif record.id in used:
             out.skipped["used by an earlier version"] += 1
         elif since is not None and parse_since(record.created_at) < since:
             out.skipped["older than --since"] += 1
@@ -81,6 +91,14 @@ def feedback_rows(records: list[FeedbackRecord], task: str, *, used: set[str],
             if preference and task == "sft" and _is_pair(record):
                 out.rejected[record.id] = record.answer
     return out
+
+
+def _latest_corrections(records: list[FeedbackRecord]) -> dict[str, FeedbackRecord]:
+    """Per response, its latest correction (by time, then by order in ``records``)."""
+    latest: dict[str, FeedbackRecord] = {}
+    for record in sorted((r for r in records if r.correction), key=lambda r: r.created_at):  # stable
+        latest[record.response_id] = record
+    return latest
 
 
 def _is_pair(record: FeedbackRecord) -> bool:
