@@ -122,8 +122,11 @@ def test_unknown_names_versions_and_stages_raise_with_a_hint(registry, tmp_path)
     with pytest.raises(RegistryError, match="has no version 7") as caught:
         registry.get("support-intents", 7)
     assert "1" in caught.value.hint
-    with pytest.raises(RegistryError, match="unknown stage 'live'"):
+    with pytest.raises(RegistryError, match="unknown stage 'live'") as caught:
         registry.promote("support-intents", 1, "live")
+    assert caught.value.hint == "promote to staging, production, archived"  # not candidate, which --to refuses
+    with pytest.raises(RegistryError, match="cannot promote to 'candidate'"):
+        registry.promote("support-intents", 1, "candidate")
     with pytest.raises(RegistryError, match="no version production"):
         registry.get("support-intents", "production")
     with pytest.raises(RegistryError, match="no model named 'nope'"):
@@ -145,8 +148,9 @@ def test_parse_ref():
 def test_promotion_moves_through_the_stages_with_one_production_version(registry, tmp_path):
     v1 = registry.register(make_run(tmp_path))
     v2 = registry.register(make_run(tmp_path, tuned=0.82))
-    with pytest.raises(PromotionRefused, match="production takes versions from staging"):
+    with pytest.raises(PromotionRefused, match="production takes versions from staging") as refused:
         registry.promote(v1.name, 1, "production")
+    assert refused.value.hint.startswith("`domaintune registry promote support-intents:1 --to staging` first; or")
     registry.promote(v1.name, 1, "staging")
     first = registry.promote(v1.name, 1, "production", actor="ana", reason="first release")
     assert first.version.stage == "production" and first.replaced is None and not first.forced

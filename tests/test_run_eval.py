@@ -57,8 +57,9 @@ def test_another_file_goes_through_the_runs_data_steps(classification_run, tmp_p
     rows[1]["text"] = train_text  # seen in training: must not count
     rows[2]["text"] = "   "  # empty: a bad row
     path = write_csv(tmp_path / "other.csv", rows)
-    with pytest.raises(DataError, match="empty"):  # the run's recipe says on_bad_rows: error
+    with pytest.raises(DataError, match="empty") as bad:  # the run's recipe says on_bad_rows: error
         evaluate_run(classification_run, path)
+    assert bad.value.hint.startswith("fix those rows of the --data file or leave them out")  # no recipe key to set
     del rows[2]
     path = write_csv(tmp_path / "other.csv", rows)
     result = evaluate_run(classification_run, path)

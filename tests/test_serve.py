@@ -19,7 +19,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from conftest import COLOURS, ticket_rows, write_csv, write_jsonl, write_recipe
-from serve_helpers import openai_client, reference_answers, serve_process
+from serve_helpers import free_port, openai_client, reference_answers, serve_process
 from domaintune import run
 from domaintune.serve.app import ServeConfig, create_app
 from domaintune.serve.auth import KeyRing, hash_key
@@ -287,6 +287,26 @@ def test_malformed_and_oversized_requests(api):
     assert _error(api.get("/v1/nothing-here"), 404)
 
 
+def test_error_messages_say_what_to_change(api):
+    no_rating = _error(api.post("/v1/feedback", json={"response_id": "x"}), 400)
+    assert no_rating["message"] == "give a rating, a correction, or both"  # the validator's, not "must be an object"
+    form = _error(api.post("/v1/feedback", data={"response_id": "x", "rating": "5"}), 400)  # as curl -d sends it
+    assert "Content-Type: application/json" in form["message"]
+    assert "must be a JSON object" in _error(api.post("/v1/feedback", json=[1]), 400)["message"]
+    assert _error(api.get("/v1/chat/completions"), 405)["type"] == "invalid_request_error"
+    for path, body, typo in (("/v1/classify", {"model": "intents", "input": "x", "lables": 1}, "lables"),
+                             ("/v1/feedback", {"response_id": "x", "rating": 5, "score": 5}, "score")):
+        assert _error(api.post(path, json=body), 400)["param"] == typo
+
+
+def test_a_key_is_checked_before_the_body_is(api):
+    headers = {"Authorization": "", "Content-Type": "application/json"}
+    assert _error(api.post("/v1/chat/completions", content=b'{"model": "colours-a", "mess', headers=headers),
+                  401)["code"] == "invalid_api_key"
+    assert _error(api.post("/v1/chat/completions", json={"model": "colours-a"}, headers={"Authorization": ""}),
+                  401)["code"] == "invalid_api_key"
+
+
 def test_auth_errors_in_openai_shape(api):
     assert _error(api.get("/v1/models", headers={"Authorization": ""}), 401)["type"] == "authentication_error"
     assert _error(api.get("/v1/models", headers={"Authorization": "Bearer key-wrong"}), 401)
@@ -306,6 +326,11 @@ def test_keys_file_errors(tmp_path):
         KeyRing.from_file(bad)
     bad.write_text(yaml.safe_dump({"keys": [{"name": "x", "sha256": hash_key("k"), "models": ["*"]}] * 2}))
     with pytest.raises(DomaintuneError, match="share"):
+        KeyRing.from_file(bad)
+    # two entries pasted as `python -m domaintune.serve.auth` prints them: YAML alone would keep the second
+    bad.write_text("".join(yaml.safe_dump({"keys": [{"name": name, "sha256": hash_key(name), "models": ["*"]}]})
+                           for name in ("first", "second")))
+    with pytest.raises(DomaintuneError, match=r"line 6: 'keys' is given twice"):
         KeyRing.from_file(bad)
 
 
@@ -527,13 +552,25 @@ def test_cli_bounds_the_wait_for_running_requests_at_shutdown(monkeypatch, tmp_p
     from domaintune.cli.serve import SHUTDOWN_TIMEOUT_S, serve
 
     calls = []
-    monkeypatch.setattr(domaintune.serve.app, "create_app", lambda config: "app")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+
+    class Server:  # records its config; uvicorn's own would configure logging in this process
+        started = True
+
+        def __init__(self, config: dict):
+            calls.append(config)
+
+        def run(self, sockets) -> None:
+            pass
+
+    monkeypatch.setattr(domaintune.serve.app, "create_app", lambda config, on_ready: "app")
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **options: options)
+    monkeypatch.setattr(uvicorn, "Server", Server)
     command = typer.Typer()
     command.command()(serve)
     runner = CliRunner()
-    assert runner.invoke(command, ["--model", f"x={tmp_path}"]).exit_code == 0
-    assert runner.invoke(command, ["--model", f"x={tmp_path}", "--shutdown-timeout", "2"]).exit_code == 0
+    args = ["--model", f"x={tmp_path}", "--port", str(free_port())]
+    assert runner.invoke(command, args).exit_code == 0
+    assert runner.invoke(command, [*args, "--shutdown-timeout", "2"]).exit_code == 0
     assert [c["timeout_graceful_shutdown"] for c in calls] == [SHUTDOWN_TIMEOUT_S, 2]
     assert 0 < SHUTDOWN_TIMEOUT_S <= 30
 
@@ -606,12 +643,47 @@ def test_cli_errors_exit_2(tmp_path):
     app.command()(serve)
     runner = CliRunner()
     vllm = runner.invoke(app, ["--engine", "vllm", "--model", f"x={tmp_path}"])
-    assert vllm.exit_code == 2 and "vllm" in vllm.output.lower()
+    assert vllm.exit_code == 2 and "not implemented in this version" in vllm.output
+    assert "install" not in vllm.output  # installing vLLM would not help
     assert runner.invoke(app, ["--model", "no-equals-sign"]).exit_code == 2
-    not_a_run = runner.invoke(app, ["--model", f"x={tmp_path}"])
+    not_a_run = runner.invoke(app, ["--model", f"x={tmp_path}", "--port", str(free_port())])
     assert not_a_run.exit_code == 2 and "not a run directory" in not_a_run.output
     unknown = runner.invoke(app, ["--device", "tpu", "--model", f"x={tmp_path}"])
     assert unknown.exit_code == 2 and "unknown device 'tpu'" in unknown.output and "auto, cpu, cuda" in unknown.output
     if not torch.cuda.is_available():  # before any model is read, so the folder need not be a run
         no_gpu = runner.invoke(app, ["--device", "cuda", "--model", f"x={tmp_path}"])
         assert no_gpu.exit_code == 2 and "no CUDA GPU is visible" in no_gpu.output
+
+
+def test_a_port_in_use_is_found_before_any_model_loads(tmp_path):
+    import socket
+
+    import typer
+    from typer.testing import CliRunner
+
+    from domaintune.cli.serve import serve
+
+    app = typer.Typer()
+    app.command()(serve)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the folder is not a run: reading it would be the error, were the port not checked first
+        busy = CliRunner().invoke(app, ["--port", str(port), "--model", f"x={tmp_path}"])
+    assert busy.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is in use: pick another with --port" in busy.output
+
+
+def test_help_names_every_endpoint_and_which_bases_are_served():
+    import typer
+    from typer.testing import CliRunner
+
+    from domaintune.cli.serve import serve
+
+    app = typer.Typer()
+    app.command()(serve)
+    shown = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    text = " ".join(shown.replace("│", " ").split())
+    assert "/v1/models/{id}" in text
+    assert "A LoRA run of a causal LM (sft, pretrain) also serves its base" in text

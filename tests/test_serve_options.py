@@ -309,6 +309,31 @@ def test_echo_and_best_of_are_refused_rather_than_ignored(client):
     assert client.completions.create(model="colours", prompt="sky", max_tokens=2, echo=False, best_of=1).choices
 
 
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "colour", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "auto"),
+    ("functions", [{"name": "colour", "parameters": {"type": "object"}}]),
+    ("function_call", "auto"),
+    ("response_format", {"type": "json_object"}),
+    ("foo", 1),  # neither OpenAI's nor this server's
+])
+def test_fields_that_would_change_the_answer_or_are_unknown_are_refused(client, field, value):
+    """Ignored, a tool or JSON mode would leave the client reading plain text as a call or JSON."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, "colours", extra_body={field: value})
+    assert refused.value.body["param"] == field and "not supported" in refused.value.body["message"]
+
+
+def test_fields_that_change_nothing_in_the_answer_are_accepted_and_ignored(client):
+    ignored = {"response_format": {"type": "text"}, "user": "u-1", "metadata": {"team": "a"}, "store": True,
+               "service_tier": "auto", "parallel_tool_calls": False, "safety_identifier": "s-1"}
+    assert chat(client, "colours", temperature=0, extra_body=ignored).choices[0].message.content == \
+        chat(client, "colours", temperature=0).choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as refused:  # a completion has no suffix here
+        client.completions.create(model="colours", prompt="sky", max_tokens=2, suffix=" .")
+    assert refused.value.body["param"] == "suffix"
+
+
 def test_logprobs_refused_where_answers_are_redacted(colour_run, tmp_path):
     config = ServeConfig(models={"colours": colour_run}, redact_pii=True, feedback_db=tmp_path / "fb.db")
     with TestClient(create_app(config)) as api:

@@ -38,6 +38,14 @@ def answers(client) -> list[str]:
                                            max_tokens=4).choices[0].message.content.strip() for q in QUESTIONS]
 
 
+def poll_errors(client) -> float:
+    """The failed registry polls a server (a TestClient) has counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return next(s.value for f in families for s in f.samples if s.name == "domaintune_registry_poll_errors_total")
+
+
 def test_promotion_rollback_and_archive_followed_by_a_running_server(sft_recipe, tmp_path):
     import openai
 
@@ -82,34 +90,85 @@ def test_promotion_rollback_and_archive_followed_by_a_running_server(sft_recipe,
     registry.close()
 
 
+def unreadable_registry(tmp_path):
+    """A server config following a registry file that is not a database, and that file."""
+    from domaintune.serve.app import ServeConfig
+
+    path = tmp_path / "registry.db"
+    path.write_text("not a database, only text long enough to be read as a header")
+    return ServeConfig(registry_url=f"sqlite:///{path}", registry_stage="production", poll_seconds=0.05,
+                       feedback_db=tmp_path / "feedback.db"), path
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
 def test_a_registry_that_cannot_be_read_is_polled_again(tmp_path):
     """Any error from the database (here: the file is not one) is logged and counted, and the
     next poll opens the registry afresh instead of following stopping for good."""
     from fastapi.testclient import TestClient
-    from prometheus_client.parser import text_string_to_metric_families
 
-    from domaintune.serve.app import ServeConfig, create_app
+    from domaintune.serve.app import create_app
 
-    path = tmp_path / "registry.db"
-    path.write_text("not a database, only text long enough to be read as a header")
-    config = ServeConfig(registry_url=f"sqlite:///{path}", registry_stage="production", poll_seconds=0.05,
-                         feedback_db=tmp_path / "feedback.db")
-
-    def poll_errors(client: TestClient) -> float:
-        families = text_string_to_metric_families(client.get("/metrics").text)
-        return next(s.value for f in families for s in f.samples if s.name == "domaintune_registry_poll_errors_total")
-
-    def wait_until(condition, what: str) -> None:
-        deadline = time.monotonic() + SWITCH_TIMEOUT_S
-        while not condition():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting until {what}")
-            time.sleep(0.05)
-
+    config, path = unreadable_registry(tmp_path)
     with TestClient(create_app(config)) as client:
         wait_until(lambda: poll_errors(client) >= 2, "a second poll failed after the first")
         path.unlink()
-        wait_until(path.exists, "a poll recreated the registry")  # opening a registry creates and migrates it
+        # opening a registry creates and migrates it; the server is ready once that poll has read it
+        wait_until(lambda: client.get("/health").status_code == 200, "a poll recreated the registry")
         assert client.get("/health").json() == {"status": "ok", "models": 0, "device": "cpu"}
     with Registry(f"sqlite:///{path}") as registry:
         assert registry.list() == []
+
+
+def test_health_is_503_until_a_poll_has_read_the_registry(tmp_path):
+    """A probe must not send traffic to a server whose models are still loading: /health and the
+    model endpoints answer 503 until a poll has read the stage (here, once the file is a registry)."""
+    from fastapi.testclient import TestClient
+
+    from domaintune.serve.app import create_app
+
+    config, path = unreadable_registry(tmp_path)
+    ready = []
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(create_app(config, on_ready=lambda: ready.append(True))) as client:
+        wait_until(lambda: poll_errors(client) >= 1, "a poll failed")
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json() == {"status": "loading", "models": 0, "device": "cpu"}
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+        assert not ready
+
+        path.unlink()  # the next poll creates the registry and reads its empty stage
+        wait_until(lambda: client.get("/health").status_code == 200, "the server was ready")
+        assert ready == [True]  # the command prints its "serving on" line then, once
+        assert client.post("/v1/chat/completions", json=chat).status_code == 404  # not in the stage
+
+
+def test_a_version_whose_files_changed_since_registration_is_not_served(tmp_path, caplog):
+    """Promoted before its adapter was edited: the server following the stage refuses to load it
+    and says which file changed, instead of serving weights nobody reviewed."""
+    from fastapi.testclient import TestClient
+
+    from domaintune.serve.app import ServeConfig, create_app
+    from test_registry import make_run
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with Registry(url) as registry:
+        version = registry.register(make_run(tmp_path / "runs"))
+        registry.promote(version.name, version.version, "staging")
+        registry.promote(version.name, version.version, "production")
+    weights = version.run_dir / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[::-1])
+    config = ServeConfig(registry_url=url, registry_stage="production", poll_seconds=0.05,
+                         feedback_db=tmp_path / "feedback.db")
+    with caplog.at_level("ERROR", logger="domaintune.serve"), TestClient(create_app(config)) as client:
+        wait_until(lambda: client.get("/health").status_code == 200, "the first poll was done")
+        assert client.get("/health").json()["models"] == 0
+    assert any(f"cannot serve {version.ref}" in r.getMessage() and "adapter/adapter_model.safetensors: sha256"
+               in r.getMessage() for r in caplog.records), caplog.text

@@ -153,6 +153,10 @@ def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: C
                 raise DataError(exc.message, where=exc.where,
                                 hint=f"this run was trained on the columns {', '.join(columns)}: give --data a file "
                                      "with them") from None
+            if "data.on_bad_rows" in (exc.hint or ""):  # a recipe key: eval has no --set to change it
+                raise DataError(exc.message, where=exc.where,
+                                hint="fix those rows of the --data file or leave them out: eval applies the run's own "
+                                     f"data steps, and its recipe says data.on_bad_rows: {d.on_bad_rows}") from None
             raise
     dropped: dict[str, int] = {}
     for item in prepared.dropped:

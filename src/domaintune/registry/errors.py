@@ -12,9 +12,12 @@ class RegistryError(DomaintuneError):
 class PromotionRefused(RegistryError):
     """The promotion policy refused a stage change; ``reasons`` says why, one line each."""
 
-    def __init__(self, target: str, to: str, reasons: list[str]):
+    def __init__(self, target: str, to: str, reasons: list[str], first: str | None = None):
         self.reasons = reasons
+        force = "--force --reason '<justification>' (written to the audit log)"
         super().__init__(
             f"promotion of {target} to {to} refused: " + "; ".join(reasons),
-            hint="if it must go ahead anyway: --force --reason '<justification>' (written to the audit log)",
+            # ``first``: the command that clears the refusal the usual way, where there is one
+            hint=f"`{first}` first; or, if it must go ahead anyway: {force}" if first else
+            f"if it must go ahead anyway: {force}",
         )

@@ -271,9 +271,9 @@ class Registry:
 
         Raises ``PromotionRefused`` with the policy's reasons; ``force=True`` overrides them and
         needs a ``reason``, written to the audit log with the overridden refusals."""
-        to = _stage(to)
-        if to not in TARGET_STAGES:
-            raise RegistryError(f"cannot promote to {to}", hint=f"promote to {', '.join(TARGET_STAGES)}")
+        if to not in TARGET_STAGES:  # "candidate" too: a version is one only when registered
+            known = "cannot promote to" if to in STAGES else "unknown stage"
+            raise RegistryError(f"{known} {to!r}", hint=f"promote to {', '.join(TARGET_STAGES)}")
         if force and not (reason and reason.strip()):
             raise RegistryError("--force needs a justification", hint="add --reason '<why the policy is overridden>'")
         if to != "archived":
@@ -297,7 +297,9 @@ class Registry:
                 # The refusal is recorded too: the transaction commits, then the caller hears why.
                 audit_log.append(session, actor=actor, action="promote-refused", target=ref, reason=reason,
                                  details={"from": row.stage, "to": to, "refusals": decision.refusals})
-                refused = PromotionRefused(ref, to, decision.refusals)
+                refused = PromotionRefused(ref, to, decision.refusals,
+                                           first=f"domaintune registry promote {ref} --to staging"
+                                           if to == "production" and row.stage != "staging" else None)
             else:
                 refused = None
                 details: dict[str, Any] = {"from": row.stage, "to": to, "checks": decision.passed}

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +61,10 @@ class ServeConfig:
 class Server:
     """Everything a request handler needs, built once per app."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, on_ready: Callable[[], None] | None = None):
         self.config = config
+        self.ready = False  # see mark_ready
+        self._on_ready = on_ready
         self.metrics = Metrics()
         self.keys = KeyRing.from_file(config.api_keys) if config.api_keys else KeyRing(None)
         self.pool = ModelPool(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
@@ -77,6 +79,18 @@ class Server:
             from domaintune.data.pii import PiiRedactor
 
             self.redactor = PiiRedactor()
+        if not config.registry_stage:
+            self.mark_ready()
+
+    def mark_ready(self) -> None:
+        """Every model asked for is loaded: at start with run directories only; when following the
+        registry, once its first poll has loaded the stage's versions. Until then /health is 503,
+        so that a load balancer or probe does not send requests that would find no model."""
+        if self.ready:
+            return
+        self.ready = True
+        if self._on_ready is not None:
+            self._on_ready()
 
     def redact(self, text: str) -> str:
         return self.redactor.redact(text)[0] if self.redactor else text
@@ -86,6 +100,9 @@ class Server:
         request.state.model = name
         check_scope(key, name)
         served = self.pool.acquire(name)
+        if served is None and not self.ready:  # it may be one the registry is still loading
+            raise ApiError(503, "the server is still loading its models; /health answers 200 once it is ready",
+                           code="loading")
         if served is None:
             raise ApiError(404, f"the model {name!r} is not served here; GET /v1/models lists them",
                            code="model_not_found", param="model")
@@ -171,10 +188,11 @@ class Server:
                         labels=tuple(served.labels) if served.labels is not None else None, inputs=inputs)
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+def create_app(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI app serving ``config``; loads its models now (raises ``DomaintuneError`` for a
-    model or keys file that cannot be used) and follows the registry while it runs."""
-    server = Server(config)
+    model or keys file that cannot be used) and follows the registry while it runs. ``on_ready``
+    is called once every model asked for is loaded (see ``Server.mark_ready``)."""
+    server = Server(config, on_ready)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,7 +201,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             from domaintune.serve.reload import RegistryWatcher
 
             watcher = RegistryWatcher(server.pool, config.registry_url, config.registry_stage, config.poll_seconds,
-                                      server.metrics)
+                                      server.metrics, on_sync=server.mark_ready)
             app.state.watcher = watcher
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, watcher.poke)
@@ -197,7 +215,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="domaintune", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    _install_errors(app)
+    _install_errors(app, server)
     _install_observability(app, server)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
 
@@ -205,8 +223,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         return server.keys.authenticate(request.headers.get("authorization"))
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": len(server.pool.routes), "device": server.pool.device}
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if server.ready else "loading", "models": len(server.pool.routes),
+                "device": server.pool.device}
+        return JSONResponse(body, status_code=200 if server.ready else 503)
 
     @app.get("/metrics")
     async def metrics(key: ApiKey | None = Depends(caller)) -> Response:
@@ -470,7 +490,7 @@ def _legacy_logprobs(tokens: list[AnswerToken], prompt_chars: int) -> dict:
             "text_offset": [prompt_chars + t.offset for t in tokens]}
 
 
-def _install_errors(app: FastAPI) -> None:
+def _install_errors(app: FastAPI, server: Server) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
@@ -479,17 +499,42 @@ def _install_errors(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         if first["type"] == "json_invalid":
+            # FastAPI parses the JSON before it runs the dependencies: a caller without a valid key
+            # must learn that first, as it does for any other body
+            try:
+                server.keys.authenticate(request.headers.get("authorization"))
+            except ApiError as refused:
+                return error_response(refused)
             return error_response(ApiError(400, "the request body is not valid JSON", code="invalid_json"))
-        if tuple(first["loc"]) == ("body",):
-            return error_response(ApiError(400, "the request body must be a JSON object", code="invalid_request"))
-        loc = [str(part) for part in first["loc"] if part != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        return error_response(ApiError(400, message, param=param, code="invalid_request"))
+        return error_response(_invalid_body(request, first))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+def _invalid_body(request: Request, first: dict) -> ApiError:
+    """The 400 for a body that does not validate, from its first error."""
+    loc = [str(part) for part in first["loc"] if part != "body"]
+    param = ".".join(loc) or None
+    # a validator's own message, without pydantic's "Value error, " before it
+    message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "not supported by this server: a field it does not know is refused rather than ignored"
+    elif not param and first["type"] != "value_error":  # the body as a whole is not an object
+        content_type = request.headers.get("content-type", "")
+        if content_type and not _is_json(content_type):  # e.g. curl -d, which sends a form
+            message = (f"the request body must be JSON sent with the header Content-Type: application/json, "
+                       f"not {content_type.split(';')[0]}")
+        else:
+            message = "the request body must be a JSON object"
+    return ApiError(400, f"{param}: {message}" if param else message, param=param, code="invalid_request")
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of ``content_type`` as JSON (otherwise it validates the raw bytes)."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def _install_observability(app: FastAPI, server: Server) -> None:

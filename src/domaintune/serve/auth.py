@@ -10,7 +10,8 @@ The keys file (YAML or JSON)::
         rate_limit_per_minute: 120        # optional; no limit without it
 
 ``python -m domaintune.serve.auth NAME [MODEL ...]`` makes a new random key and prints it once,
-with the entry to paste into the file.
+with the entry to paste into the file. Every entry goes under one ``keys:``: a second ``keys:`` is
+refused, not read as YAML reads it (replacing the first).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class _KeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     models: list[str] = Field(min_length=1)
     rate_limit_per_minute: int | None = Field(default=None, gt=0)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping, which ``yaml.safe_load`` reads as the
+    last one: two pasted entries, each under its own ``keys:``, would silently leave one key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        mapping = super().construct_mapping(node, deep=deep)  # checks first that every key can be one
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one mapping, "
+                                     "and the second would replace the first; list every key under a single keys:")
+            seen.add(key)
+        return mapping
 
 
 class _KeysFile(BaseModel):
@@ -93,7 +110,7 @@ class KeyRing:
         """Read a keys file; a malformed one raises ``DomaintuneError`` naming the problem."""
         try:
             text = Path(path).read_text(encoding="utf-8")
-            raw = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+            raw = json.loads(text) if Path(path).suffix == ".json" else yaml.load(text, Loader=_UniqueKeyLoader)
             parsed = _KeysFile.model_validate(raw)
         except OSError as exc:
             raise DomaintuneError(f"cannot read the keys file: {exc.strerror}", where=str(path)) from None

@@ -6,8 +6,8 @@ from fastapi.responses import JSONResponse
 
 # The ``type`` OpenAI sends with each status; clients branch on the status code.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "server_error"}
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "server_error"}
 
 
 class ApiError(Exception):

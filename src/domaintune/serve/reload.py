@@ -1,16 +1,18 @@
 """Following the registry: every model name with a version in the chosen stage is served under
 that name; a newly promoted version replaces the old one without a restart, and a name that
 leaves the stage stops being served. Requests already running finish on the version they began on.
+A version whose files changed since it was registered is not loaded (the log says which files).
 
 The registry is polled every ``poll_seconds``; ``poke()`` (the server wires it to SIGHUP) polls
 at once. It is opened once (opening it runs its migrations) and reopened after a poll fails.
+``on_sync`` is called after each poll that read the registry (the server is ready after the first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from domaintune.errors import DomaintuneError
 from domaintune.serve.metrics import Metrics
@@ -26,12 +28,13 @@ class RegistryWatcher:
     """Keeps ``pool`` in step with the versions of ``registry_url`` in ``stage``."""
 
     def __init__(self, pool: ModelPool, registry_url: str | None, stage: str, poll_seconds: float,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, on_sync: Callable[[], None] | None = None):
         self.pool = pool
         self.registry_url = registry_url
         self.stage = stage
         self.poll_seconds = poll_seconds
         self.metrics = metrics
+        self.on_sync = on_sync
         self.served: dict[str, int] = {}  # name → version this watcher routed
         self._failed: set[tuple[str, int]] = set()  # versions that would not load: not retried every poll
         self._wake = asyncio.Event()
@@ -52,6 +55,9 @@ class RegistryWatcher:
                     self._disconnect()
                     if self.metrics is not None:
                         self.metrics.registry_errors.inc()
+                else:
+                    if self.on_sync is not None:
+                        self.on_sync()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
                 except TimeoutError:
@@ -67,6 +73,8 @@ class RegistryWatcher:
             if self.served.get(name) == version.version or (name, version.version) in self._failed:
                 continue
             try:
+                # what was registered, reviewed and gated, or nothing: files changed since are refused
+                await asyncio.to_thread(self._registry.require_unchanged, version)
                 served = await asyncio.to_thread(self.pool.prepare, name, version.run_dir, version=version.version)
             except Exception as exc:  # a broken run is reported and skipped; the others keep being served
                 self._failed.add((name, version.version))

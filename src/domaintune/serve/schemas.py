@@ -1,8 +1,10 @@
-"""Request bodies in OpenAI's shape (fields this server does not use are accepted and ignored,
-as clients send them, except where ignoring one would change what the answer means: completions'
-``echo`` and ``best_of`` are refused unless at their defaults, and image or audio parts of a
-message), plus the classify and feedback bodies of this API. A field sent as ``null`` takes its
-default, as OpenAI reads it (clients send ``"temperature": null`` for "not set")."""
+"""Request bodies in OpenAI's shape, plus the classify and feedback bodies of this API. A field
+this server does not support is refused with a 400 naming it, not ignored: ignored, ``tools``,
+``response_format`` or completions' ``echo`` would change what the answer means, and an unknown
+field is more often a typo than a wish. Accepted and ignored are only fields that change nothing in
+the answer (``user``, and chat's ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``,
+``safety_identifier``). A field sent as ``null`` takes its default, as OpenAI reads it (clients send
+``"temperature": null`` for "not set")."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for (legacy) completio
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # see the module's docstring
 
     @model_validator(mode="before")
     @classmethod
@@ -75,7 +77,7 @@ class _Sampling(_Request):
     stop: list[str] = Field(default_factory=list)  # a string or up to 4; the answer ends before the first
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # ignored: who the end user is, for OpenAI's abuse monitoring
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -114,6 +116,31 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}, the default
+    # refused whenever sent (not null): the models answer in text, never with a tool or function call
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    # ignored: about OpenAI's storage, billing and monitoring, or (parallel_tool_calls) about tools
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("tools", "tool_choice", "functions", "function_call")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        raise ValueError("not supported by this server: its models answer in text, without tool or function calls")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value != {"type": "text"}:  # JSON mode or a schema: the client would trust the answer to parse
+            raise ValueError("not supported by this server: answers are plain text, unconstrained; only "
+                             "{\"type\": \"text\"} is accepted")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
