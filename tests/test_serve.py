@@ -343,7 +343,7 @@ def test_stream_and_metrics(api):
     usage = json.loads(events[-2])["usage"]
     assert 1 <= usage["completion_tokens"] <= 3
     metrics = api.get("/metrics").text
-    assert 'domaintune_requests_total{endpoint="/v1/completions",model="colours-a",status="200"}' in metrics
+    assert 'domaintune_requests_total{endpoint="/v1/completions",key="ops",model="colours-a",status="200"}' in metrics
     assert "domaintune_completion_tokens_total" in metrics
 
 
@@ -370,6 +370,17 @@ def test_auth_covers_metrics_and_model_retrieval(api):
     assert _error(api.get("/v1/models/intents", headers=scoped), 404)["code"] == "model_not_found"
     entry = api.get("/v1/models/intents").json()
     assert entry["object"] == "model" and entry["task"] == "classification"
+
+
+def test_the_access_log_and_metrics_name_the_key_that_called(api, caplog):
+    with caplog.at_level("INFO", logger="domaintune.serve"):
+        assert api.get("/v1/models/colours-a").status_code == 200  # with the fixture's key, named "ops"
+        assert api.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("GET /v1/models/colours-a 200" in m and "key=ops" in m for m in messages), caplog.text
+    assert any("GET /v1/models 401" in m and "key=-" in m for m in messages), caplog.text
+    assert 'endpoint="/v1/models/{id}",key="ops",model="",status="200"}' in api.get("/metrics").text
+    assert FULL_KEY not in caplog.text and SCOPED_KEY not in caplog.text  # the name, never the key
 
 
 def test_feedback_records_the_key_beside_the_reviewers_claim(api, colour_runs):

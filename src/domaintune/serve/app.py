@@ -220,7 +220,9 @@ def create_app(config: ServeConfig, on_ready: Callable[[], None] | None = None) 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
 
     def caller(request: Request) -> ApiKey | None:
-        return server.keys.authenticate(request.headers.get("authorization"))
+        key = server.keys.authenticate(request.headers.get("authorization"))
+        request.state.key = key.name if key is not None else ""  # who called: the access log and metrics say
+        return key
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -556,8 +558,9 @@ def _install_observability(app: FastAPI, server: Server) -> None:
         endpoint = path if path in paths else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
         model = getattr(request.state, "model", "")
         model = model if model in server.pool.routes or not model else "other"
-        server.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
+        key = getattr(request.state, "key", "") or "-"  # a key's name (the keys file bounds them), never the key
+        server.metrics.requests.labels(endpoint, model, str(response.status_code), key).inc()
         server.metrics.latency.labels(endpoint).observe(elapsed)
-        log.info("%s %s %d model=%s %.3fs", request.method, request.url.path, response.status_code, model or "-",
-                 elapsed)
+        log.info("%s %s %d model=%s key=%s %.3fs", request.method, request.url.path, response.status_code,
+                 model or "-", key, elapsed)
         return response

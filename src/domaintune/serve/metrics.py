@@ -13,8 +13,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("domaintune_requests", "HTTP requests by endpoint, model and status code",
-                                ["endpoint", "model", "status"], registry=self.registry)
+        self.requests = Counter("domaintune_requests", "HTTP requests by endpoint, model, status code and API key name",
+                                ["endpoint", "model", "status", "key"], registry=self.registry)
         self.latency = Histogram("domaintune_request_seconds", "Time to the last byte of the response",
                                  ["endpoint"], registry=self.registry,
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
