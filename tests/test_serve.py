@@ -698,3 +698,22 @@ def test_help_names_every_endpoint_and_which_bases_are_served():
     text = " ".join(shown.replace("│", " ").split())
     assert "/v1/models/{id}" in text
     assert "A LoRA run of a causal LM (sft, pretrain) also serves its base" in text
+
+
+def test_the_key_maker_prints_an_entry_that_goes_under_one_keys_list(tmp_path, capsys):
+    from domaintune.serve.auth import main
+
+    entries = []
+    for argv in (["ci-bot", "colours-*", "--rate-limit", "60"], ["ops"]):
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        key = printed.split("give it to the caller): ")[1].split()[0]
+        entries.append((key, printed.split("`keys:`):\n")[1]))
+    assert "every model" in printed  # the second key names no models
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n" + "".join(entry for _, entry in entries))  # both pasted under one keys:
+    ring = KeyRing.from_file(path)
+    bot = ring.authenticate(f"Bearer {entries[0][0]}")
+    assert (bot.name, bot.models, bot.rate_limit_per_minute) == ("ci-bot", ["colours-*"], 60)
+    assert ring.authenticate(f"Bearer {entries[1][0]}").models == ["*"]
+    assert main(["x", "--rate-limit", "0"]) == 2 and "1 or more" in capsys.readouterr().err

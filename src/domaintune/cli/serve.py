@@ -64,6 +64,7 @@ def serve(
 
             quiet_libraries()
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.getLogger("alembic").setLevel(logging.WARNING)  # the registry's migrations, each time it is opened
             with err.status("loading models"):
                 app = create_app(ServeConfig(
                     models=models, registry_url=registry_url, registry_stage=registry_stage, poll_seconds=poll_seconds,

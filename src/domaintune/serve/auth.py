@@ -9,9 +9,9 @@ The keys file (YAML or JSON)::
         models: ["support-*"]             # shell-style patterns; "*" for every model
         rate_limit_per_minute: 120        # optional; no limit without it
 
-``python -m domaintune.serve.auth NAME [MODEL ...]`` makes a new random key and prints it once,
-with the entry to paste into the file. Every entry goes under one ``keys:``: a second ``keys:`` is
-refused, not read as YAML reads it (replacing the first).
+``python -m domaintune.serve.auth NAME [MODEL ...] [--rate-limit N]`` makes a new random key and
+prints it once, with the entry to add under the file's ``keys:``. Every entry goes under one
+``keys:``: a second ``keys:`` is refused, not read as YAML reads it (replacing the first).
 """
 
 from __future__ import annotations
@@ -149,16 +149,37 @@ def check_scope(key: ApiKey | None, model: str) -> None:
         raise ApiError(403, f"this API key may not call model {model!r}", code="model_not_allowed", param="model")
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of requests, 1 or more")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
     """Print a new key and its keys-file entry."""
-    if not argv or argv[0].startswith("-"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m domaintune.serve.auth",
+                                     description="Make a new API key and print it with its keys-file entry.")
+    parser.add_argument("name", help="the key's name, shown in logs, metrics and feedback records")
+    parser.add_argument("models", nargs="*", help="model names or shell-style patterns it may call (default: all, '*')")
+    parser.add_argument("--rate-limit", type=_positive, metavar="N", help="requests per minute (default: no limit)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     key = "dt-" + secrets.token_urlsafe(32)
-    entry = {"name": argv[0], "sha256": hash_key(key), "models": argv[1:] or ["*"]}
+    entry = {"name": args.name, "sha256": hash_key(key), "models": args.models or ["*"]}
+    if args.rate_limit is not None:
+        entry["rate_limit_per_minute"] = args.rate_limit
     print(f"key (shown once, give it to the caller): {key}")
-    print("entry for the keys file:")
-    print(yaml.safe_dump({"keys": [entry]}, sort_keys=False))
+    if not args.models:
+        print("it may call every model: name models after the key's name to restrict it")
+    # the entry alone, not under its own `keys:`: pasted twice, that would leave only the second
+    print("entry to add under `keys:` in the keys file (a new file starts with the line `keys:`):")
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
     return 0
 
 
