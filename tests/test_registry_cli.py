@@ -126,6 +126,10 @@ def test_audit_and_show_say_when_a_promotion_was_forced_and_over_what(cli, tmp_p
     monkeypatch.setenv("COLUMNS", "300")  # one table row per entry, so that the text can be matched
     gates = [{"expr": "tuned.per_label[billing] >= 0.9", "passed": False}]  # brackets: not rich markup
     cli("register", str(make_run(tmp_path, gates=gates)))
+    refused = cli("promote", "support-intents:1", "--to", "staging")
+    assert refused.exit_code == 3
+    assert ("promote-refused candidate→staging: gate `tuned.per_label[billing] >= 0.9` failed"
+            in cli("audit", "support-intents").output)
     cli("promote", "support-intents:1", "--to", "staging", "--force", "--reason", "board approved")
     forced = "promote candidate→staging FORCED over: gate `tuned.per_label[billing] >= 0.9` failed"
     audit = cli("audit")

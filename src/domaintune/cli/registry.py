@@ -175,11 +175,13 @@ def _action(entry: AuditEntry) -> str:
     """The action with the stage change it made, e.g. ``promote staging→production``, and the
     policy refusals it overrode, if any (rich markup)."""
     action = entry.action
-    if entry.action in ("promote", "rollback") and "to" in entry.details:
+    if entry.action in ("promote", "promote-refused", "rollback") and "to" in entry.details:
         action += f" {entry.details['from']}→{entry.details['to']}"
     # A forced promotion must stand out wherever the log is read, not only in --json.
     if forced_over := entry.details.get("forced_over"):
         action += " [bold red]FORCED[/] over: " + escape("; ".join(forced_over))
+    if entry.action == "promote-refused" and entry.details.get("refusals"):  # why, not only in --json
+        action += ": " + escape("; ".join(entry.details["refusals"]))
     return action
 
 
