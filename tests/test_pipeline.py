@@ -232,3 +232,27 @@ def test_unseen_eval_label_is_reported_with_its_row(classification_recipe, tmp_p
                                                {"text": "hello again", "label": "greeting", "channel": "chat"}])
     with pytest.raises(DataError, match=r"eval\.csv:3 \('greeting'\)"):
         run(classification_recipe, overrides={"data.eval": "data/eval.csv"}, output_dir=tmp_path / "runs")
+
+
+def test_an_encoder_folder_cannot_be_the_base_of_an_sft_run(sft_recipe, tiny_bert):
+    from domaintune.errors import ModelError
+    from domaintune.pipeline import dry_run
+
+    with pytest.raises(ModelError, match="is an encoder \\(BertModel\\) and cannot generate text for task sft"):
+        dry_run(sft_recipe, overrides={"base_model": str(tiny_bert)})
+
+
+def test_a_generative_base_folder_and_a_missing_slice_column_fail_before_training(classification_recipe, tiny_llama,
+                                                                                   tmp_path):
+    from domaintune.errors import ModelError, RecipeError
+    from domaintune.pipeline import dry_run
+
+    with pytest.raises(ModelError, match="is a generative model \\(LlamaForCausalLM\\)"):
+        dry_run(classification_recipe, overrides={"base_model": str(tiny_llama)})
+    # ticket_rows carry a channel column; "region" is none of the data's columns
+    with pytest.raises(RecipeError, match="no evaluation row has the slice field 'region'") as missing:
+        dry_run(classification_recipe, overrides={"evaluate.slices": ["channel", "region"]})
+    assert missing.value.where == "evaluate.slices" and "channel" in missing.value.hint
+    with pytest.raises(RecipeError, match="slice field 'region'"):
+        run(classification_recipe, overrides={"evaluate.slices": ["region"]}, output_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # refused before a model was loaded or a run directory made

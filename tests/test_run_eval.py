@@ -162,3 +162,12 @@ def test_another_file_s_errors_name_it_and_what_the_run_expects(classification_r
     assert "trained on the columns text, label" in info.value.hint and "data.text_field" not in info.value.hint
     with pytest.raises(DataError, match="--data file does not exist"):
         evaluate_run(classification_run, tmp_path / "missing.csv")
+
+
+def test_another_file_without_a_slice_column_is_evaluated_without_that_slice(classification_recipe, tmp_path):
+    sliced = run(classification_recipe, overrides={"evaluate.slices": ["channel"], "training.epochs": 1},
+                 output_dir=tmp_path / "runs", register=False).run_dir
+    assert json.loads((sliced / "metrics.json").read_text())["slices"][0]["field"] == "channel"
+    rows = [{"text": r["text"], "label": r["label"]} for r in ticket_rows(4, seed=11)]  # no channel column
+    result = evaluate_run(sliced, write_csv(tmp_path / "plain.csv", rows))
+    assert result["slices"] == [] and result["eval_rows"] > 0

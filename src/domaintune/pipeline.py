@@ -175,9 +175,14 @@ def _checked_recipe(recipe_path: Path, overrides: dict[str, Any] | None, gates: 
 def _data_and_base(spec: Recipe, root: Path, console: Console) -> tuple[Recipe, PreparedData, catalog.BaseModel]:
     """The data through its steps, the recipe with its defaults resolved for it, and the base."""
     data = prepare(spec, root, console)
+    if spec.evaluate.slices:  # computed after training: a missing column must fail now
+        from domaintune.evaluate.slices import check_slice_fields
+
+        check_slice_fields(spec.evaluate.slices, [e.meta for e in data.eval])
     spec = resolve_defaults(spec, len(data.train))
+    _check_model_fits_task(spec)  # a catalog name: before resolving it, which converts a GGUF file
     base = catalog.resolve(spec.base_model, base_dir=root)
-    _check_model_fits_task(spec)
+    _check_folder_fits_task(spec, base.path)
     return spec, data, base
 
 
@@ -245,6 +250,34 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\..*")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+# Architectures that only encode: their folders cannot generate (sft, pretrain) here.
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "deberta", "deberta-v2", "electra", "mpnet",
+                  "albert", "camembert", "modernbert", "nomic_bert"}
+
+
+def _check_folder_fits_task(spec: Recipe, folder: Path) -> None:
+    """A model folder (not a catalog name) must suit the task as a catalog entry would: its
+    config.json's model_type says whether it only encodes, its architectures whether it generates;
+    a folder neither says is left to loading."""
+    if spec.base_model in catalog.CATALOG:
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading the model will say what is wrong with the folder
+    architectures, model_type = config.get("architectures") or [], config.get("model_type")
+    encoder = model_type in _ENCODER_TYPES
+    generates = not encoder and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    described = ", ".join(architectures) or model_type
+    if spec.task != "classification" and encoder:
+        raise ModelError(f"{spec.base_model} is an encoder ({described}) and cannot generate text for task {spec.task}",
+                         where="base_model", hint="give a causal LM folder (its config.json's architectures end in "
+                                                  "ForCausalLM) or .gguf file, or set base_model: smollm2-135m-instruct")
+    if spec.task == "classification" and generates:
+        raise ModelError(f"{spec.base_model} is a generative model ({described}); classification here uses an encoder",
+                         where="base_model", hint="give an encoder folder (BERT-like) or set base_model: minilm-l6")
 
 
 def _check_model_fits_task(spec: Recipe) -> None:

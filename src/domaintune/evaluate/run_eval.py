@@ -187,10 +187,16 @@ def _evaluate(run: LoadedRun, evaluation: list[Example], train: list[Example], i
         result = _evaluate_causal(run, evaluation, train, include_base, console)
     rows = result.pop("_rows", None) or []
     if spec.evaluate.slices and include_base and rows:
-        from domaintune.evaluate.slices import classification_score, mean_scores, slice_metrics
+        from domaintune.evaluate.slices import classification_score, mean_scores, missing_slice_fields, slice_metrics
 
+        # Another file may lack a column the run sliced by: it is evaluated without that slice.
+        missing = missing_slice_fields(spec.evaluate.slices, [{**row, **(row.get("meta") or {})} for row in rows])
+        if missing:
+            console.print(f"[yellow]no evaluation row has the slice field{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(map(repr, missing))} of the run's evaluate.slices: not sliced by "
+                          f"{'them' if len(missing) > 1 else 'it'}[/]")
         score = classification_score if spec.task == "classification" else mean_scores
-        result["slices"] = [slice_metrics(rows, name, score) for name in spec.evaluate.slices]
+        result["slices"] = [slice_metrics(rows, name, score) for name in spec.evaluate.slices if name not in missing]
     if spec.task == "classification":
         scores = {"accuracy": [float(r["tuned"] == r["label"]) for r in rows]}
     else:

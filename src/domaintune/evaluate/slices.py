@@ -14,7 +14,7 @@ with :func:`classification_score` or :func:`mean_scores` as the ``score``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -40,10 +40,8 @@ def slice_metrics(rows: list[dict], field: str, score: Callable[[list[dict]], di
     as a positive number) hold one entry per model, computed over slices of at least
     ``MIN_ROWS`` rows, and are None where fewer than two slices are that large.
     """
-    if rows and not any(field in (row.get("meta") or {}) or field in row for row in rows):
-        available = sorted({key for row in rows for key in (row.get("meta") or {})})
-        raise RecipeError(f"no evaluation row has the slice field {field!r}",
-                          hint=f"slice by one of: {', '.join(available) or '(no metadata columns)'}")
+    if rows:
+        check_slice_fields([field], [{**row, **(row.get("meta") or {})} for row in rows])
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(_value(row, field), []).append(row)
@@ -60,6 +58,28 @@ def slice_metrics(rows: list[dict], field: str, score: Callable[[list[dict]], di
     for model in ("base", "tuned"):
         result["worst"][model], result["gap"][model] = _worst_and_gap(slices, rankable, model, metric)
     return result
+
+
+def missing_slice_fields(fields: list[str], metas: Iterable[dict]) -> list[str]:
+    """Those of ``fields`` that no one of ``metas`` (the rows' metadata columns) has."""
+    missing = set(fields)
+    for meta in metas:
+        missing -= meta.keys()
+        if not missing:
+            break
+    return [field for field in fields if field in missing]
+
+
+def check_slice_fields(fields: list[str], metas: Sequence[dict]) -> None:
+    """Raise unless every slice field is a metadata column of some evaluation row: checked when
+    the data is read, before training, since the slices are computed only after it."""
+    missing = missing_slice_fields(fields, metas)
+    if missing and metas:
+        available = sorted({key for meta in metas for key in meta})
+        names = ", ".join(repr(field) for field in missing)
+        raise RecipeError(f"no evaluation row has the slice field{'s' if len(missing) > 1 else ''} {names}",
+                          where="evaluate.slices",
+                          hint=f"slice by one of: {', '.join(available) or '(no metadata columns)'}")
 
 
 def _value(row: dict, field: str) -> str:
