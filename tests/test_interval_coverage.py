@@ -1,4 +1,4 @@
-"""The 95% bootstrap intervals cover the true value about 95% of the time, on synthetic data whose
+"""The 95% intervals (bootstrap, Wilson) cover the true value about 95% of the time, on synthetic data whose
 answer is known."""
 
 from __future__ import annotations

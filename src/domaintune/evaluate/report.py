@@ -36,8 +36,8 @@ def write_report(path: Path, spec: Recipe, metrics: dict, samples: list[dict], t
              f"<p>Base: {_e(metrics['base'].get('model', ''))}. Tuned: {_e(metrics['tuned'].get('model', ''))}.</p>",
              "" if charts else "<p class='note'>Charts are left out: matplotlib is not installed "
                                "(<code>pip install matplotlib</code>); the tables hold the same numbers.</p>",
-             "<h2>Headline metrics</h2><p>Brackets: 95% bootstrap intervals; the change is paired (the same rows "
-             "resampled for both models). p: the chance of a difference this large if the models were equally good.</p>"
+             "<h2>Headline metrics</h2><p>Brackets: 95% intervals (Wilson's for accuracy and exact match, the "
+             "bootstrap's for ROUGE-L); the change is paired (the same rows resampled for both models). p: the chance of a difference this large if the models were equally good.</p>"
              "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th><th>p</th></tr>"]
     intervals, significance = metrics.get("intervals", {}), metrics.get("significance", {})
     for name, b, t in headline(spec.task, metrics["base"], metrics["tuned"]):

@@ -27,7 +27,7 @@ from domaintune.errors import DataError, DomaintuneError, ResourceError
 from domaintune.evaluate import metrics as M
 from domaintune.evaluate.comparison import compare_classification, compare_generation
 from domaintune.evaluate.gates import check_gate, validate_gate
-from domaintune.evaluate.intervals import bootstrap_interval, paired_intervals
+from domaintune.evaluate.intervals import mean_interval, paired_intervals
 from domaintune.recipe import Recipe, load_recipe
 
 Example = TextExample | ChatExample
@@ -221,7 +221,7 @@ def _evaluate_classification(run: LoadedRun, evaluation: list[TextExample], trai
         pred = [labels[i] for i in tuned_proba.argmax(1)]
         tuned = M.classification_metrics(truth, pred, labels)
         correct = [p == y for p, y in zip(pred, truth)]
-        return {"tuned": tuned, "intervals": {"accuracy": {"tuned": list(bootstrap_interval(correct))}}}
+        return {"tuned": tuned, "intervals": {"accuracy": {"tuned": list(mean_interval(correct))}}}
     index = {label: i for i, label in enumerate(labels)}
     with console.status(f"{run.run_dir.name}: refitting the base probe on {len(train)} training rows"), \
             base_model_of(run.model.encoder, run.load_base) as encoder:
@@ -281,7 +281,7 @@ def _evaluate_causal(run: LoadedRun, evaluation: list[Example], train: list[Exam
     tuned, tuned_scores, _ = score_causal(run.model, run.tokenizer, spec, evaluation, max_new, console, f"{name} tuned")
     tuned["model"] = f"{spec.base_model} fine-tuned ({spec.method})"
     if not include_base:
-        return {"tuned": tuned, "intervals": {k: {"tuned": list(bootstrap_interval(v))} for k, v in tuned_scores.items()}}
+        return {"tuned": tuned, "intervals": {k: {"tuned": list(mean_interval(v))} for k, v in tuned_scores.items()}}
     with base_model_of(run.model, run.load_base) as base_model:
         base, base_scores, _ = score_causal(base_model, run.tokenizer, spec, evaluation, max_new, console, f"{name} base")
     base["model"] = f"{spec.base_model} (no fine-tuning)"

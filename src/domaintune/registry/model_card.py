@@ -177,7 +177,8 @@ def _factors(metrics: dict) -> str:
 def _metrics(recipe: dict, metrics: dict, lineage: dict) -> str:
     names = ", ".join(name for name, _, _ in headline(recipe["task"], metrics["base"], metrics["tuned"]))
     lines = ["## Metrics", f"- {names}, for the base and the tuned model on the same held-out rows, with 95% "
-             "bootstrap intervals; the change is paired (the same rows resampled for both)."]
+             "intervals (Wilson's for accuracy and exact match, the bootstrap's for ROUGE-L); the change is paired "
+             "(the same rows resampled for both)."]
     placed = lineage.get("training", {}).get("evaluation")
     if placed:  # bfloat16 weights on a GPU score a little differently from float32 on a CPU
         lines.append(f"- Both scored with their weights in {placed.replace(' ', ', ')}; `domaintune eval` places them "

@@ -11,7 +11,7 @@ The rules, each refusable and each overridable only with ``--force`` and a writt
   refused when the paired 95% interval of tuned − base lies entirely on the worse side of 0
   (a run without that interval is not checked, and the check says so);
 - no regression against the current production version (for production): on the headline
-  metric the candidate is refused when even the favourable end of its 95% bootstrap interval is
+  metric the candidate is refused when even the favourable end of its 95% interval is
   worse than production's point value (without a recorded interval, its point value is used),
   and when the two versions are for different tasks.
 
