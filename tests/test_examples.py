@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from domaintune.data.examples import (
@@ -314,6 +316,19 @@ def test_chat_bad_messages(messages, match):
     with pytest.raises(DataError, match=match) as info:
         chat_examples(rows)
     assert info.value.where == "data/train.jsonl:2"
+
+
+@pytest.mark.parametrize("content, kind", [(123, "int"), (2.5, "float"), (True, "bool"), ({"text": "hi"}, "dict"),
+                                           ([{"type": "text", "text": "hi"}], "list")])
+def test_chat_message_content_that_is_not_a_string_is_a_bad_row(tmp_path, content, kind):
+    p = tmp_path / "train.jsonl"
+    bad = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "a"}]}
+    p.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        chat_examples(read_rows(p))
+    assert info.value.message.startswith(f"field 'messages[0].content' should be text, got {kind}")
+    assert info.value.where == f"{p}:2"
+    assert "as a string" in info.value.hint
 
 
 def test_chat_last_message_not_assistant_has_hint():

@@ -130,6 +130,73 @@ def test_duplicates_in_train_are_dropped_keeping_the_first(tmp_path):
     _accounted(prepared)
 
 
+def test_a_duplicate_with_another_label_names_both_labels_and_the_card_lists_it(tmp_path):
+    rows = ticket_rows(5)
+    rows.insert(7, dict(rows[2], label="Shipping" if rows[2]["label"] != "shipping" else "Billing"))
+    path = write_csv(tmp_path / "data" / "t.csv", rows)
+    prepared = _prepare(tmp_path, {"train": "data/t.csv"})
+    kept, own = rows[2]["label"], rows[7]["label"]
+    [dropped] = [d for d in prepared.dropped if d.where == f"{path}:9"]
+    assert dropped.reason == f"exact duplicate of {path}:4, whose label {kept!r} was kept over this row's {own!r}"
+    dedup = prepared.card["dedup"]
+    assert dedup["label_conflicts"] == 1
+    assert dedup["label_conflicts_listed"] == [{"where": f"{path}:9", "label": own, "kept_where": f"{path}:4",
+                                                "kept_label": kept}]
+    write_prepared(prepared, tmp_path / "out", quarantine=False)
+    card_md = (tmp_path / "out" / "data_card.md").read_text(encoding="utf-8")
+    assert f"- {path}:9 ({own!r}) duplicates {path}:4 ({kept!r}), which was kept" in card_md
+    assert prepared.card["reasons"]["dedup"] == {"exact duplicate": 1}  # still counted as one kind of reason
+
+
+def _labels_written_two_ways(tmp_path: Path) -> Path:
+    rows = ticket_rows(6)
+    billing = [r for r in rows if r["label"] == "billing"]
+    shipping = [r for r in rows if r["label"] == "shipping"]
+    billing[0]["label"] = billing[1]["label"] = "Billing"
+    shipping[0]["label"] = " SHIPPING"  # surrounding spaces are stripped, case is kept
+    for row in shipping[1:3]:
+        row["label"] = "Shipping"
+    return write_csv(tmp_path / "data" / "t.csv", rows)
+
+
+def test_labels_differing_only_in_case_stay_apart_and_the_card_warns(tmp_path):
+    _labels_written_two_ways(tmp_path)
+    prepared = _prepare(tmp_path, {"train": "data/t.csv", "dedup": {"exact": False, "near": False}})
+    assert {"Billing", "billing", "SHIPPING", "Shipping", "shipping"} <= set(prepared.labels)  # not merged
+    assert prepared.card["label_variants"] == [{"Billing": 2, "billing": 4}, {"SHIPPING": 1, "Shipping": 2, "shipping": 3}]
+    write_prepared(prepared, tmp_path / "out", quarantine=False)
+    card_md = (tmp_path / "out" / "data_card.md").read_text(encoding="utf-8")
+    assert "'Billing' (2 rows), 'billing' (4 rows); 'SHIPPING' (1 row)" in card_md
+    assert "normalise the label column" in card_md
+    assert json.loads((tmp_path / "out" / "data_card.json").read_text())["label_variants"][0] == {"Billing": 2,
+                                                                                                   "billing": 4}
+
+
+def test_labels_written_one_way_give_no_warning(tmp_path):
+    write_csv(tmp_path / "data" / "t.csv", ticket_rows(5))
+    prepared = _prepare(tmp_path, {"train": "data/t.csv"})
+    assert prepared.card["label_variants"] == []
+    write_prepared(prepared, tmp_path / "out", quarantine=False)
+    assert "case or spacing" not in (tmp_path / "out" / "data_card.md").read_text(encoding="utf-8")
+
+
+def test_cli_data_inspect_and_prepare_warn_of_labels_differing_only_in_case(tmp_path):
+    from typer.testing import CliRunner
+
+    from domaintune.cli import app
+
+    path = _labels_written_two_ways(tmp_path)
+    runner = CliRunner()
+    done = runner.invoke(app, ["data", "inspect", str(path)], env={"COLUMNS": "300"})
+    assert done.exit_code == 0, done.output
+    assert "warning: labels that differ only in case or spacing" in done.output
+    assert "'Billing' (2 rows), 'billing' (4 rows)" in done.output and "normalise the label column" in done.output
+    recipe = _recipe(tmp_path, {"train": "data/t.csv"})
+    done = runner.invoke(app, ["data", "prepare", str(recipe), "-o", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert done.exit_code == 0, done.output
+    assert "labels that differ only in case or spacing" in done.output
+
+
 def test_eval_rows_leaked_from_train_are_removed_and_reported(tmp_path):
     train = ticket_rows(10, seed=1)
     leaked = dict(train[3])
@@ -165,6 +232,27 @@ def test_time_split_evaluates_on_the_newest_rows(tmp_path):
     prepared = _prepare(tmp_path, {"train": "data/t.csv", "split": {"by": "time", "time_field": "created"},
                                    "dedup": {"exact": False, "near": False}})
     assert max(e.meta["created"] for e in prepared.train) < min(e.meta["created"] for e in prepared.eval)
+
+
+def test_time_split_writes_the_dates_as_they_were_and_the_card_states_the_cut_off(tmp_path):
+    rows = ticket_rows(5)
+    for i, row in enumerate(rows):
+        row["visit_date"] = f"2024-06-{1 + i:02d}"
+    rows[-1]["visit_date"] = "2024-06-30T14:00:00Z"
+    write_csv(tmp_path / "data" / "t.csv", rows)
+    prepared = _prepare(tmp_path, {"train": "data/t.csv", "split": {"by": "time", "time_field": "visit_date"},
+                                   "dedup": {"exact": False, "near": False}})
+    write_prepared(prepared, tmp_path / "out", quarantine=False)
+    written = {side: [json.loads(line) for line in (tmp_path / "out" / "data" / f"{side}.jsonl").read_text().splitlines()]
+               for side in ("train", "eval")}
+    for row in written["train"] + written["eval"]:  # as written in the file (line 2 is rows[0]), not epoch seconds
+        assert row["visit_date"] == rows[int(row["where"].rsplit(":", 1)[1]) - 2]["visit_date"]
+    split = prepared.card["split"]
+    assert split["time_field"] == "visit_date"
+    assert split["train_until"] == max(r["visit_date"] for r in written["train"]) == "2024-06-16"
+    assert split["eval_from"] == min(r["visit_date"] for r in written["eval"]) == "2024-06-17"
+    card_md = (tmp_path / "out" / "data_card.md").read_text(encoding="utf-8")
+    assert "Training rows have `visit_date` up to 2024-06-16; eval rows from 2024-06-17." in card_md
 
 
 def test_time_split_rejects_a_value_that_is_not_a_date(tmp_path):

@@ -83,6 +83,11 @@ def test_with_an_eval_file_streaming_keeps_and_drops_exactly_what_memory_does(tm
     for key in ("rows_in", "dropped", "dropped_total", "reasons", "kept", "pii", "cleaning", "labels", "lengths"):
         assert card[key] == expected[key], key
     assert card["dedup"]["label_conflicts"] == expected["dedup"]["label_conflicts"] == 1
+    assert card["dedup"]["label_conflicts_listed"] == expected["dedup"]["label_conflicts_listed"]
+    [conflict] = card["dedup"]["label_conflicts_listed"]
+    assert conflict["label"] == "other" and conflict["kept_label"] == train[5]["label"]
+    assert dropped[conflict["where"]]["reason"].endswith(
+        f"duplicate of {conflict['kept_where']}, whose label {train[5]['label']!r} was kept over this row's 'other'")
     assert not any(value in (stream / "data" / "train.jsonl").read_text() for value in PII)
     _accounted(card)
 
@@ -121,6 +126,14 @@ def test_group_and_time_splits_follow_their_rules_when_streaming(tmp_path):
     out, prepared = prepare_recipe(tmp_path / "recipe.yaml", output_dir=tmp_path / "t", streaming=True, workers=2)
     assert max(e.meta["created"] for e in prepared.train) < min(e.meta["created"] for e in prepared.eval)
     assert len(prepared.eval) >= round(len(rows) * 0.2)  # rows tied at the cut-off join eval
+    written = {side: _rows(out / "data" / f"{side}.jsonl") for side in ("train", "eval")}
+    line = lambda r: int(r["where"].rsplit(":", 1)[1])
+    assert all(r["created"] == rows[line(r) - 2]["created"] for r in written["train"] + written["eval"])  # as written
+    split = _card(out)["split"]
+    assert split["train_until"] == max(r["created"] for r in written["train"])
+    assert split["eval_from"] == min(r["created"] for r in written["eval"])
+    memory = prepare(load_recipe(tmp_path / "recipe.yaml"), tmp_path).card["split"]
+    assert (split["train_until"], split["eval_from"]) == (memory["train_until"], memory["eval_from"])
 
 
 def test_parallel_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):

@@ -90,6 +90,34 @@ def test_tsv_uses_tab_delimiter(tmp_path):
     assert wheres(rows) == [f"{p}:2", f"{p}:3"]
 
 
+@pytest.mark.parametrize("delimiter, name", [(";", "semicolon"), ("|", "pipe")])
+def test_csv_with_another_delimiter_says_so_and_how_to_convert_it(tmp_path, delimiter, name):
+    p = tmp_path / "tickets.csv"
+    p.write_text(f"body{delimiter}category\nmy invoice, again{delimiter}billing\nwhere is it{delimiter}shipping\n",
+                 encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(p)
+    assert info.value.where == f"{p}:1"
+    assert info.value.message == (f"the header is one column, 'body{delimiter}category': the file looks "
+                                  f"{name}-delimited ({delimiter!r}), but .csv files are read as comma-delimited")
+    assert "convert it to comma-separated .csv or tab-separated .tsv" in info.value.hint
+    assert f"sep={delimiter!r}" in info.value.hint
+
+
+def test_tab_separated_file_named_csv_is_told_to_be_renamed(tmp_path):
+    p = tmp_path / "tickets.csv"
+    p.write_text("body\tcategory\nhello\tbilling\n", encoding="utf-8")
+    with pytest.raises(DataError, match="looks tab-delimited") as info:
+        read_rows(p)
+    assert info.value.hint == "rename it to tickets.tsv"
+
+
+def test_one_column_csv_is_read(tmp_path):
+    p = tmp_path / "notes.csv"
+    p.write_text("text\nfirst note; with a semicolon\nsecond | note\n", encoding="utf-8")
+    assert [r.fields for r in read_rows(p)] == [{"text": "first note; with a semicolon"}, {"text": "second | note"}]
+
+
 def test_jsonl_fields_and_line_numbers_with_blank_line(tmp_path):
     p = write(
         tmp_path / "train.jsonl",

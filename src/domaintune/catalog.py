@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,11 +99,35 @@ def resolve(name: str, *, base_dir: Path | None = None) -> BaseModel:
     if path.is_dir() and (path / "config.json").is_file():
         weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
         return BaseModel(name=name, path=path, weight_files=weights)
-    known = ", ".join(CATALOG)
-    raise ModelError(
-        f"unknown base model {name!r}",
-        hint=f"use a catalog name ({known}), a Hugging Face model folder with config.json, or a .gguf file",
-    )
+    raise _not_a_model(name, path, base_dir)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face Hub
+
+
+def _not_a_model(name: str, path: Path, base_dir: Path | None) -> ModelError:
+    """Why ``name`` is no base model: what it was taken for and where it was looked for."""
+    known = f"a catalog name ({', '.join(CATALOG)})"
+    if path.is_dir():
+        return ModelError(f"no config.json in {path.resolve()}",
+                          hint="give the Hugging Face model folder itself, the one that holds config.json and the "
+                               f"weights, or {known}")
+    if path.exists():
+        return ModelError(f"{path.resolve()} is neither a model folder nor a .gguf file",
+                          hint=f"give a Hugging Face model folder (with config.json), a .gguf file, or {known}")
+    looked = (base_dir / path if base_dir is not None and not path.is_absolute() else path).resolve()
+    if _HUB_ID.fullmatch(name) and path.suffix != ".gguf":
+        return ModelError(f"base model {name!r} looks like a Hugging Face Hub id, and there is no folder {looked}",
+                          hint="models are never downloaded from a hub at run time: download it yourself (e.g. "
+                               f"`huggingface-cli download {name} --local-dir <folder>`) and give that folder as "
+                               f"base_model, or use {known}")
+    relative = " (a relative path is taken from the recipe's folder)" if base_dir is not None else ""
+    if path.suffix == ".gguf":
+        return ModelError(f"the .gguf file {looked} does not exist", hint=f"check the path{relative}, or use {known}")
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        return ModelError(f"the model folder {looked} does not exist", hint=f"check the path{relative}, or use {known}")
+    return ModelError(f"unknown base model {name!r}",
+                      hint=f"use {known}, a Hugging Face model folder with config.json, or a .gguf file")
 
 
 def _package_source(entry: CatalogEntry) -> Path | None:

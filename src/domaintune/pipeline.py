@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from domaintune import catalog
+from domaintune.data.card import label_variants_warning
 from domaintune.data.examples import TextExample
 from domaintune.data.prepare import PreparedData, prepare, write_prepared
 from domaintune.data.steps import check_split
@@ -105,6 +107,8 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
     timings["data_s"] = time.perf_counter() - clock
     console.print(f"[bold]{spec.name}[/]: {spec.task} on [cyan]{spec.base_model}[/] ({spec.method}); "
                   f"{len(data.train)} training rows, {len(data.eval)} held out; {_data_note(data.card)}")
+    if warning := label_variants_warning(data.card):
+        console.print(f"[yellow]warning: {escape(warning)}[/]")
 
     if resumed:
         run_dir, staging = resumed

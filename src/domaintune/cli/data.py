@@ -126,6 +126,17 @@ def _print_card(card: dict) -> None:
     out.print(f"duplicates dropped: {sum(card['dropped']['dedup'].values())} "
               f"(of them with different labels: {dd['label_conflicts']}); "
               f"eval rows leaked from train: {sum(card['dropped']['leakage'].values())}" + (f" ({kinds})" if kinds else ""))
+    for x in dd["label_conflicts_listed"][:10]:
+        out.print(f"  {x['where']} ({x['label']!r}) duplicates {x['kept_where']} ({x['kept_label']!r}), which was kept",
+                  highlight=False, markup=False)
+    _warn_label_variants(card)
+
+
+def _warn_label_variants(card: dict) -> None:
+    from domaintune.data.card import label_variants_warning
+
+    if warning := label_variants_warning(card):
+        out.print(f"[yellow]warning: {escape(warning)}[/]")
 
 
 @data_app.command("prepare")
@@ -156,5 +167,6 @@ def prepare(
     card = prepared.card
     out.print(f"{card['rows_in']} rows in → {card['kept']['train']} train + {card['kept']['eval']} eval, "
               f"{card['dropped_total']} dropped; personal data redacted: {sum(card['pii']['found'].values())}")
+    _warn_label_variants(card)
     out.print(f"data card: {directory / 'data_card.md'}")
     out.print(str(directory))

@@ -24,6 +24,7 @@ STEP_TITLES = {
     "labels": "eval labels never seen in training",
 }
 MAX_LEAKS_LISTED = 20
+MAX_CONFLICTS_LISTED = 20
 
 
 @dataclass
@@ -52,6 +53,8 @@ class DroppedTally:
         self.steps: dict[str, dict[str, int]] = {step: {"train": 0, "eval": 0} for step in STEP_TITLES}
         self.reasons: dict[str, Counter] = {step: Counter() for step in STEP_TITLES}
         self.leaks: list[dict[str, str]] = []  # the first MAX_LEAKS_LISTED
+        self.conflicts = 0  # duplicates dropped whose kept row has another label
+        self.conflicts_listed: list[dict[str, str]] = []  # the first MAX_CONFLICTS_LISTED
 
     def add(self, dropped) -> None:
         """Count one ``Dropped``."""
@@ -60,6 +63,10 @@ class DroppedTally:
         self.reasons[dropped.step][_reason_kind(dropped.step, dropped.reason)] += 1
         if dropped.step == "leakage" and len(self.leaks) < MAX_LEAKS_LISTED:
             self.leaks.append({"where": dropped.where, "reason": dropped.reason})
+        if dropped.conflict is not None:
+            self.conflicts += 1
+            if len(self.conflicts_listed) < MAX_CONFLICTS_LISTED:
+                self.conflicts_listed.append(dict(dropped.conflict))
 
     @classmethod
     def of(cls, dropped: list) -> DroppedTally:
@@ -70,20 +77,21 @@ class DroppedTally:
 
 
 def build_card(*, spec: Recipe, sources: dict[str, tuple[Path, int]], train: list, evaluation: list, dropped: list,
-               pii_counts: dict[str, int], rows_with_pii: int, cleaned_rows: int, label_conflicts: int,
-               split: str) -> dict[str, Any]:
+               pii_counts: dict[str, int], rows_with_pii: int, cleaned_rows: int, split: str,
+               cutoff: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collect the card as plain data from the kept examples and the dropped rows. Raises if the
     counts do not add up (a bug, not a user error)."""
     return card_from_tallies(spec=spec, sources=sources, train=SideSummary.of(train),
                              evaluation=SideSummary.of(evaluation), dropped=DroppedTally.of(dropped),
                              pii_counts=pii_counts, rows_with_pii=rows_with_pii, cleaned_rows=cleaned_rows,
-                             label_conflicts=label_conflicts, split=split)
+                             split=split, cutoff=cutoff)
 
 
 def card_from_tallies(*, spec: Recipe, sources: dict[str, tuple[Path, int]], train: SideSummary,
                       evaluation: SideSummary, dropped: DroppedTally, pii_counts: dict[str, int], rows_with_pii: int,
-                      cleaned_rows: int, label_conflicts: int, split: str) -> dict[str, Any]:
-    """``build_card`` from summaries, for data too large to hold as examples."""
+                      cleaned_rows: int, split: str, cutoff: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``build_card`` from summaries, for data too large to hold as examples. ``cutoff``: for a
+    time split, the latest training time and the earliest eval time as written in the data."""
     rows_in = sum(n for _, n in sources.values())
     if rows_in != dropped.total + train.rows + evaluation.rows:
         raise AssertionError(f"data accounting broken: {rows_in} rows in, {dropped.total} dropped, "
@@ -102,13 +110,38 @@ def card_from_tallies(*, spec: Recipe, sources: dict[str, tuple[Path, int]], tra
         "cleaning": {**d.clean.model_dump(), "rows_changed": cleaned_rows},
         "pii": {"redact": d.pii.redact, "mode": d.pii.mode if d.pii.redact else None,
                 "types": d.pii.types or "all", "found": dict(sorted(pii_counts.items())), "rows_with_pii": rows_with_pii},
-        "dedup": {**d.dedup.model_dump(), "label_conflicts": label_conflicts, "leaks": list(dropped.leaks)},
-        "split": {"by": split, **({"eval_fraction": d.split.eval_fraction} if split != "eval file" else {})},
+        "dedup": {**d.dedup.model_dump(), "label_conflicts": dropped.conflicts,
+                  "label_conflicts_listed": list(dropped.conflicts_listed), "leaks": list(dropped.leaks)},
+        "split": {"by": split, **({"eval_fraction": d.split.eval_fraction} if split != "eval file" else {}),
+                  **(cutoff or {})},
         "lengths": {"train": _lengths(train), "eval": _lengths(evaluation)},
     }
     if spec.task == "classification":
         card["labels"] = {"train": dict(sorted(train.labels.items())), "eval": dict(sorted(evaluation.labels.items()))}
+        card["label_variants"] = label_variants(Counter(train.labels) + Counter(evaluation.labels))
     return card
+
+
+def label_variants(counts: dict[str, int]) -> list[dict[str, int]]:
+    """Groups of labels that differ only in case or spacing, each label with its rows (train and
+    eval). They are separate classes, as written: case may mean something, so they are not merged,
+    but more often one class was written two ways, which splits its rows and costs accuracy."""
+    groups: dict[str, dict[str, int]] = {}
+    for label, n in sorted(counts.items()):
+        groups.setdefault(" ".join(label.split()).casefold(), {})[label] = n
+    return [group for _, group in sorted(groups.items()) if len(group) > 1]
+
+
+def label_variants_warning(card: dict[str, Any]) -> str | None:
+    """What to tell the user of ``card``'s labels that differ only in case or spacing (None: none)."""
+    variants = card.get("label_variants")
+    if not variants:
+        return None
+    groups = "; ".join(", ".join(f"{label!r} ({n} row{'s' * (n != 1)})" for label, n in group.items())
+                       for group in variants)
+    return (f"labels that differ only in case or spacing are trained as separate classes: {groups}. "
+            "If each group is one class, normalise the label column (write each label one way, e.g. lower case) "
+            "and run again")
 
 
 def _reason_kind(step: str, reason: str) -> str:
@@ -127,6 +160,13 @@ def _overlap_note(containment: float | None) -> str:
         return "Eval rows overlapping training rows: not looked for (`containment: null`)."
     return (f"Eval rows overlapping training rows (containment ≥ {containment}: that share of the shorter row's "
             f"character 5-grams is in the other, the shorter having {MIN_CONTAINED_SHINGLES} or more) are leakage too.")
+
+
+def _cutoff_note(split: dict[str, Any]) -> str:
+    if "train_until" not in split:
+        return ""
+    return (f" Training rows have `{split['time_field']}` up to {split['train_until']}; eval rows from "
+            f"{split['eval_from']}.")
 
 
 def _texts(example) -> list[str]:
@@ -173,13 +213,20 @@ def render_card(card: dict[str, Any]) -> str:
     lines += ["", "## Duplicates and leakage", "",
               f"Exact: {dd['exact']}, near-duplicates: {dd['near']} (Jaccard ≥ {dd['threshold']}). "
               f"Duplicates with different labels: {dd['label_conflicts']}. " + _overlap_note(dd.get("containment"))]
+    if dd.get("label_conflicts_listed"):
+        lines += ["", "Duplicates dropped whose kept row has another label (fix the label of one of them):"]
+        lines += [f"- {x['where']} ({x['label']!r}) duplicates {x['kept_where']} ({x['kept_label']!r}), which was kept"
+                  for x in dd["label_conflicts_listed"]]
     if dd["leaks"]:
         lines += ["", "Eval rows removed as leaked from training:"] + [f"- {x['where']}: {x['reason']}" for x in dd["leaks"]]
     c = card["cleaning"]
     lines += ["", "## Cleaning", "", f"{c['rows_changed']} rows changed: " + ", ".join(
         k for k in ("unicode_nfc", "strip_control", "normalize_whitespace", "strip_html") if c[k]) + ".", "",
         "## Split", "", f"By: {card['split']['by']}" + (f", eval fraction {card['split']['eval_fraction']}"
-                                                        if "eval_fraction" in card["split"] else "") + ".", ""]
+                                                        if "eval_fraction" in card["split"] else "") + "."
+        + _cutoff_note(card["split"]), ""]
+    if warning := label_variants_warning(card):
+        lines += ["## Labels differing only in case or spacing", "", f"Warning: {warning}.", ""]
     if "labels" in card:
         for side in ("train", "eval"):
             lines += [f"## Labels ({side})", "", "| label | rows | |", "|---|---|---|", *_bars(card["labels"][side]), ""]

@@ -78,6 +78,16 @@ def _string(value: Any, row: Row, name: str) -> str:
     return text
 
 
+def _content(value: Any, row: Row, i: int) -> str:
+    """A message's content: JSON gives it with its type, so a number or a boolean is a mistake in
+    the data (a lost text), not a value to read as text as a CSV cell is."""
+    name = f"messages[{i}].content"
+    if not _missing(value) and not isinstance(value, str):
+        raise DataError(f"field {name!r} should be text, got {type(value).__name__} {value!r:.40}", where=row.where,
+                        hint=f"write {name!r} as a string")
+    return _string(value, row, name)
+
+
 def _label(value: Any, row: Row, name: str) -> str:
     # pandas stores an integer column that has a missing value as floats, so the same label is 1.0
     # in a Parquet file and 1 in a CSV file: both must be the class "1".
@@ -184,7 +194,7 @@ def _check_messages(value: Any, row: Row) -> list[dict[str, str]]:
         if role == "system" and i != 0:
             raise DataError(f"messages[{i}]: a system message may only come first", where=row.where,
                             hint="put the instructions in one system message at the start, or in a user message")
-        messages.append({"role": role, "content": _string(message["content"], row, f"messages[{i}].content")})
+        messages.append({"role": role, "content": _content(message["content"], row, i)})
     if messages[-1]["role"] != "assistant":
         raise DataError("the last message must be the assistant's answer", where=row.where,
                         hint="end each conversation with {'role': 'assistant', 'content': ...}")

@@ -22,8 +22,9 @@ for phones) or a context word (DOB, MRN, "my name is", ...). Choices worth knowi
   in capitals, "DR. SMITH", "MR JONES", but not an ordinary word: "DR. VISIT", "MS WORD"), a
   context (``my name is``, ``Patient:``, a sign-off such as ``Thanks,`` closing the line, a
   greeting anywhere such as ``Good morning Ines,`` or ``Thanks so much Farah!``, a role such as
-  ``beneficiary`` or ``spoke with``, a roster such as ``Attendees:``), two or three capitalised
-  words before ``said``/``presented``/..., before an address ("Ana Sousa <ana@...>", not a role
+  ``beneficiary`` or ``spoke with``, a roster such as ``Attendees:``, a family member or a carer
+  in lower case such as ``wife Ines`` or ``nurse Kelly``), two or three capitalised words before
+  ``said``/``presented``/..., before an address ("Ana Sousa <ana@...>", not a role
   mailbox such as help@) or before a contract's party ('(the "Tenant")'), surname-first records
   ("SMITH, John"), or a first name from ``first_names.txt`` with the surnames after it. Clinical
   and support text is full of capitalised words that are not people ("with Crohn's disease",
@@ -35,6 +36,13 @@ for phones) or a context word (DOB, MRN, "my name is", ...). Choices worth knowi
   holds one are names (not job titles: "Ana Sousa, Account Manager"), and so is the other side of
   "assigned to X by Y". Overlapping names are joined into one finding. A lone unknown word with
   no cue stays ("Oisin broke the build", "per Thandiwe's note"): "Nurse's note" reads the same.
+  Lower-case names are taken only after ``my name is``, a title with its period ("dr. nguyen") or a
+  form label starting its field ("pt name: jane doe"). Surname particles stay in the name ("Ms.
+  van der Berg", "Lucia de la Fuente"); a verb starting the sentence does not ("Call" stays in
+  "Call John Smith at ..."), and a word before ``office``/``team``/``branch``/... is a place ("Paris
+  office").
+* Street addresses are not detected: they are not one of ``PII_TYPES`` ("14 Willow Crescent" stays
+  as written; a name in the same text is found as usual).
 
 Pseudonyms are HMAC-SHA256 of the value under the secret, so one secret maps a value to the same
 fake in every row, process and run. Fakes keep the shape but come from ranges that name nobody
@@ -404,7 +412,11 @@ def _find_id_number(text: str) -> Iterator[tuple[int, int]]:
 # A capitalised word of a name: Smith, McAllister, O'Brien, Smith-Jones, Dong-hyun, José.
 _NAME_TOKEN = (r"(?:[A-ZÀ-ÖØ-Þ][a-zß-öø-ÿ]+(?:[A-Z][a-z]+)?|[A-Z]['’][A-Z][a-z]+)"
                r"(?:-[A-Za-zÀ-ÖØ-öø-ÿ][a-zß-öø-ÿ]+)?")
-_NAME = rf"{_NAME_TOKEN}(?:[ \t]+(?:[A-Z]\.[ \t]+)?{_NAME_TOKEN}){{0,2}}"
+# Lower-case surname particles join the words of one name ("Maria de la Cruz", "Ms. van der Berg"):
+# a run cut at them leaves a word of the name as written.
+_PARTICLE_WORDS = frozenset("van von der den de da di du la le del della bin al ibn ter ten".split())
+_PARTICLES = rf"(?:(?:{'|'.join(sorted(_PARTICLE_WORDS))})[ \t]+){{1,2}}"
+_NAME = rf"{_NAME_TOKEN}(?:[ \t]+(?:[A-Z]\.[ \t]+)?(?:{_PARTICLES})?{_NAME_TOKEN}){{0,2}}"
 _TITLE = r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Professor|Sir|Dame|Rev)\.?[ \t]+(?:[A-Z]\.[ \t]+)?"
 # Words that introduce a name, grouped by how much they prove, because a capitalised word after
 # "for" or "with" is far more often a product, a department or a condition ("with Windows 11",
@@ -417,8 +429,14 @@ _TITLE = r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Professor|Sir|Dame|Rev)\.?[ \t]+(?:[A-
 #     anywhere in the text, since replies quote and run on ("Great news. Hi Ruth, ...");
 #   weak: a known first name, or first name and surname ("for Thandiwe Novak", not "for Chrome"); the
 #     roster labels of minutes and the "X is" of roles belong here, because what follows them is as
-#     often a team or a thing ("Apologies: Sales Ops", "the owner is Finance").
+#     often a team or a thing ("Apologies: Sales Ops", "the owner is Finance");
+#   relation: a family member or a carer named in passing ("wife Ines says", "seen by nurse Kelly"):
+#     one word is enough, but only in lower case and on the same line, because "Mother Nature",
+#     "Brother printer" and "the agent\nResolution:" are not people; "partner" only after a
+#     possessive ("my partner Sam"), since "integration partner Stripe" is a company, and "agent" not
+#     in "user agent Mozilla/5.0".
 _BEFORE_NAME = (
+    r"(?:"
     r"(?i:(?P<strong>\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|"
     r"\b(?:full\s+|patient\s+|customer\s+)?name\s*:|\battn\.?\s*:?|"
     r"\b(?:spoke|speak|talked|talk|chatted|met|meeting|conversation|call|interview|consulted)\s+(?:with|to)|"
@@ -430,17 +448,25 @@ _BEFORE_NAME = (
     r"|(?P<weak>\bdear|\bfrom\s*:|\bi['’]m|\bi\s+am|\baccording\s+to|^cc\b:?|\bcc:|\bfor|\bwith|\bcall|"
     r"\b(?:attendees|apologies|participants|invitees|in\s+attendance)\s*:|"
     r"\b(?:contact|manager|supervisor|landlord|owner|assignee)\s+(?:is|was)))"
+    r"|(?P<relation>\b(?:wife|husband|son|daughter|mother|father|brother|sister|fianc[eé]e?|"
+    r"(?:my|his|her|their|your|our)\s+partner|nurse|doctor|dr\.?|physician|surgeon|therapist|pharmacist|"
+    r"midwife|(?<!user )(?<!user-)agent|technician|caseworker)(?=[ \t]+[A-Z]))"
+    r")"
 )
 # Every cue starts a word with a letter: asserting that first lets the engine leave the other
 # positions at once instead of trying each of the cues there (2.6x faster, the same matches).
-_PERSON_CONTEXT = re.compile(rf"\b(?=[A-Za-z])(?:{_BEFORE_NAME}\s*(?:{_TITLE})?|{_TITLE})(?P<v>{_NAME})",
-                             re.MULTILINE)
+# A name may start with its particle ("Ms. van der Berg", "Dr. St. Clair"); _name_span keeps one only
+# after a title or a strong cue.
+_NAME_PREFIX_WORDS = _PARTICLE_WORDS | {"St."}
+_PERSON_CONTEXT = re.compile(
+    rf"\b(?=[A-Za-z])(?:{_BEFORE_NAME}\s*(?:{_TITLE})?|{_TITLE})(?P<v>(?:{_PARTICLES}|St\.[ \t]+)?{_NAME})",
+    re.MULTILINE)
 _ENDS_WITH_TITLE = re.compile(rf"{_TITLE}$")
 # Two or three capitalised words followed by what only people do or are: what they do in reports
 # and minutes ("X Y said", "X Y presented"), the display name of an address ("X Y <x@example.org>",
 # but not of a role mailbox: "Northwind Helpdesk <help@...>"), or a party defined in a contract
 # ("X Y (the "Contractor")"; "... ("the Agreement")" names a thing).
-_FULL_NAME = rf"{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{1,2}}"
+_FULL_NAME = rf"{_NAME_TOKEN}(?:[ \t]+(?:{_PARTICLES})?{_NAME_TOKEN}){{1,2}}"
 _ROLE_MAILBOX = (r"(?i:no-?reply|do-?not-?reply|support|help|helpdesk|info|sales|billing|accounts?|admin|"
                  r"team|service|contact|hello|notifications?|news|marketing|orders?|returns|careers|jobs|hr|"
                  r"postmaster|webmaster|abuse|security)(?![a-z])")
@@ -483,9 +509,17 @@ _INVERTED_NAME = re.compile(
     re.MULTILINE,
 )
 # A name in lower case, only where the cue leaves no doubt: "my name is john smith", "dr. nguyen".
+_LOWER_NAME_VALUE = (r"(?P<v>(?-i:[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+"
+                     rf"(?:[ \t]+(?:{_PARTICLES})?[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+){{0,2}}))")
 _LOWER_NAME = re.compile(
     r"\b(?=[A-Za-z])(?i:\bmy\s+name\s+is|\bmy\s+name's|\bi\s+am\s+called|\b(?:mr|mrs|ms|mx|dr|prof)\.)[ \t]+"
-    r"(?P<v>(?-i:[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+(?:[ \t]+[a-zß-öø-ÿ][a-zß-öø-ÿ'’-]+){0,2}))"
+    + _LOWER_NAME_VALUE
+)
+# And after a form label that starts its field ("pt name: jane doe"; not "file name: report", "user
+# name: admin"). Its look-behinds cost a third more at every word, so it runs only where "name" is.
+_LOWER_LABELLED_NAME = re.compile(
+    r"(?<![\w-][ \t])(?<![\w-])(?i:(?:(?:full|first|last|given|family|patient|pt|customer|client|caller)[ \t]+)?"
+    r"(?:sur)?name[ \t]*:)[ \t]+" + _LOWER_NAME_VALUE
 )
 # Capitalised words that context patterns and first names run into but that are not names: trimmed
 # off both ends of a run.
@@ -515,7 +549,7 @@ _COMMON_WORDS = frozenset("""
 """.split())
 # Words that make a run a place, even around a first name: San Francisco, Port Elizabeth, Maria St.
 _PLACE_WORDS = frozenset("""
-    New San Santa Saint St Los Las Port Fort Lake Mount Hong Saudi Sri Costa Puerto United Street Road Avenue
+    New San Santa Saint St Los Las Port Fort Lake Mount Hong Saudi Sri Costa Puerto Rio United Street Road Avenue
     Cape North South Africa America Kingdom Republic Islands City County
 """.split())
 # Words that make a run an organisation or a department, not a person ("Accounts Payable", "Acme
@@ -533,6 +567,7 @@ _JOB_WORDS = frozenset("""
     Manager Director Engineer Officer Assistant Specialist Analyst Consultant Coordinator Executive President
     Representative Advisor Adviser Administrator Supervisor Lead Head Chief Senior Junior Associate Intern
     Nurse Surgeon Physician Pharmacist Therapist Technician Agent Partner Secretary Accountant Developer
+    Practitioner Registrar Resident Paramedic Midwife Receptionist
 """.split())
 # Word endings of English nouns and adjectives that no common name has (Cardiology, Payable).
 _ENGLISH_ENDING = re.compile(r"\w{3,}(?:ology|ologist|iatry|iatrics|ness|tion|sion|ship|able|ible|ful|less|ous)")
@@ -544,6 +579,17 @@ _DETERMINER_BEFORE = re.compile(r"(?i:\b(?:the|a|an|my|your|our|their|his|its|th
 # An eponym, not a person: "Crohn's disease", "Bell's palsy", "Down syndrome".
 _EPONYM_AFTER = re.compile(r"(?:['’]s)?[ \t]+(?i:disease|syndrome|palsy|sarcoma|lymphoma|disorder|phenomenon|"
                            r"maneuver|manoeuvre|procedure|ulcer|reflex|fracture|tumou?r|anomaly)\b")
+# A run directly before one of these is a place or a team: "the Paris office", "meeting with Berlin
+# team", not "Ana Sousa, Team Lead".
+_SITE_AFTER = re.compile(r"[ \t]+(?i:office|team|branch|site|department|dept|store|shop|clinic|hospital|campus|"
+                         r"hq|headquarters|warehouse|depot)\b(?![ \t]+(?i:lead|leader|manager|head|member)\b)")
+# Verbs that start an instruction, and so a sentence, in front of a name: "Call John Smith at ...",
+# "Ask Maria about it". At a sentence start they are cut off the run, not taken for a first name.
+_IMPERATIVES = frozenset("""
+    Call Email Contact Ask Tell Ping Text Message Meet Invite Remind Thank Cc Forward Send Notify Inform
+    Escalate Assign Page Phone See Let Have Get Reply Copy Introduce Add Remove
+""".split())
+_SENTENCE_START = re.compile(r"(?:^|[.!?;:(\n\"“*•>–—-])[ \t]*$")
 _WORD = re.compile(r"\S+")
 _LOWER_WORD_NEXT = re.compile(r"[ \t]+[a-z]")  # a sign-off name runs on into a sentence
 _CLOSES_GREETING = re.compile(r"[ \t]*(?:[,!]|\n|(?:from|here|again|speaking)\b)")
@@ -555,14 +601,30 @@ _LOWER_NOT_NAME = frozenset("""
     also still now then just very too please thanks thank sorry ok okay who which what when where why how
     today tomorrow yesterday tonight said says told asked called wrote office appointment visit note notes
     missing wrong spelled spelt misspelled incorrect correct different same listed shown blank empty unknown
+    none anonymous redacted withheld unavailable test user admin guest age dob sex male female mrn id phone
+    email address
 """.split())
+
+
+_DETECTION_ONLY = "# -- detection only --"
+
+
+@cache
+def _name_lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``first_names.txt`` as (the names fakes are drawn from, the names added later, found only)."""
+    lines = resources.files("domaintune.data").joinpath("first_names.txt").read_text(encoding="utf-8").splitlines()
+    cut = lines.index(_DETECTION_ONLY) if _DETECTION_ONLY in lines else len(lines)
+
+    def names(part: list[str]) -> tuple[str, ...]:
+        return tuple(line.strip() for line in part if line.strip() and not line.startswith("#"))
+
+    return names(lines[:cut]), names(lines[cut:])
 
 
 @cache
 def first_names() -> frozenset[str]:
-    """The packaged first-name list (``first_names.txt``)."""
-    text = resources.files("domaintune.data").joinpath("first_names.txt").read_text(encoding="utf-8")
-    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    """The packaged first-name list (``first_names.txt``), every name in it."""
+    return frozenset(name for part in _name_lists() for name in part)
 
 
 @cache
@@ -583,16 +645,17 @@ def _name_span(text: str, start: int, end: int, rule: str = "strong",
     ``rule`` is "title" (after Mr/Dr/...), a cue kind of ``_BEFORE_NAME``, "after" (before "said",
     an address, a contract's party) or "first_name" (the run holds a known name: ``names``, by
     default the listed first names). A title vouches for any word.
-    Otherwise organisations, eponyms and things after a determiner are dropped; a strong cue or a
-    listed first name keeps the name inside a run of ordinary words ("Thanks Maria Great job"), but
-    for the weaker rules one such word makes the run a thing ("according to New York Times"), and
-    they ask for a listed first name or a first name and a surname."""
+    Otherwise organisations, eponyms, places and teams ("Paris office") and things after a
+    determiner are dropped; a strong cue or a listed first name keeps the name inside a run of
+    ordinary words ("Thanks Maria Great job"), but for the weaker rules one such word makes the run
+    a thing ("according to New York Times"), and they ask for a listed first name or a first name
+    and a surname."""
     words = [m.span() for m in _WORD.finditer(text, start, end)]
     names = first_names() if names is None else names
     if rule != "title":
         if any(text[a:b] in _ORG_WORDS or text[a:b] in _PLACE_WORDS for a, b in words):
             return None
-        if rule not in ("strong", "first_name") and any(
+        if rule not in ("strong", "relation", "first_name") and any(
                 text[a:b] not in _NOT_NAME and text[a:b] not in names and _ordinary_word(text[a:b])
                 for a, b in words):
             return None
@@ -600,19 +663,20 @@ def _name_span(text: str, start: int, end: int, rule: str = "strong",
     def ordinary(word: str) -> bool:
         return word in _NOT_NAME if rule == "title" else word not in names and _ordinary_word(word)
 
-    while words and ordinary(text[words[0][0]:words[0][1]]):
+    while words and (ordinary(text[words[0][0]:words[0][1]]) or _not_first_word(text, words, rule)):
         words.pop(0)
-    while words and ordinary(text[words[-1][0]:words[-1][1]]):
+    while words and (ordinary(last := text[words[-1][0]:words[-1][1]]) or last in _PARTICLE_WORDS):
         words.pop()
     if not words:
         return None
     span = (words[0][0], words[-1][1])
     if rule == "title":
         return span
-    if _DETERMINER_BEFORE.search(text, max(0, span[0] - 8), span[0]) or _EPONYM_AFTER.match(text, span[1]):
+    if (_DETERMINER_BEFORE.search(text, max(0, span[0] - 8), span[0]) or _EPONYM_AFTER.match(text, span[1])
+            or _SITE_AFTER.match(text, span[1])):
         return None
     known_first = text[words[0][0]:words[0][1]] in names
-    if rule == "strong":
+    if rule in ("strong", "relation"):
         return span
     if rule == "signoff":
         return span if known_first or not _LOWER_WORD_NEXT.match(text, span[1]) else None
@@ -623,6 +687,23 @@ def _name_span(text: str, start: int, end: int, rule: str = "strong",
     if rule == "greeting" and _CLOSES_GREETING.match(text, span[1]):
         return span
     return None
+
+
+def _not_first_word(text: str, words: list[tuple[int, int]], rule: str) -> bool:
+    """True when the first word of a run is not part of the name found by ``rule``: a particle
+    without the title or strong cue that vouches for it ("with de Souza" could be "with de Beers"),
+    a job after a family or carer word ("nurse Practitioner Kelly"), or a verb starting the sentence
+    ("Call John Smith"; after a title or a strong cue the first word is the name: "Patient: Page Ward")."""
+    a, b = words[0]
+    word = text[a:b]
+    if rule == "title":
+        return False
+    if word in _NAME_PREFIX_WORDS:
+        return rule != "strong"
+    if rule == "relation":
+        return word in _JOB_WORDS
+    return (rule != "strong" and len(words) > 1 and word in _IMPERATIVES
+            and _SENTENCE_START.search(text, max(0, a - 8), a) is not None)
 
 
 def _find_person(text: str) -> list[tuple[int, int]]:
@@ -651,7 +732,8 @@ def _cued_names(text: str) -> Iterator[tuple[int, int] | None]:
         if _ENDS_WITH_TITLE.search(text, m.start(), m.start("v")):
             rule = "title"
         else:
-            rule = next(kind for kind in ("strong", "signoff", "greeting", "weak") if m.group(kind) is not None)
+            rule = next(kind for kind in ("strong", "signoff", "greeting", "weak", "relation")
+                        if m.group(kind) is not None)
         yield _name_span(text, *m.span("v"), rule)
     for m in _NAME_BEFORE_CUE.finditer(text):
         yield _name_span(text, *m.span("v"), "after")
@@ -755,7 +837,8 @@ def _inverted_names(text: str) -> Iterator[tuple[int, int]]:
 
 def _lower_case_names(text: str) -> Iterator[tuple[int, int]]:
     folded = _first_names_folded()
-    for m in _LOWER_NAME.finditer(text):
+    labelled = _LOWER_LABELLED_NAME.finditer(text) if "ame" in text or "AME" in text else ()
+    for m in (*_LOWER_NAME.finditer(text), *labelled):
         kept = []
         for word in _WORD.finditer(m.group("v")):
             w = word.group()
@@ -907,7 +990,8 @@ _SYLLABLES = tuple(c + v for c in "bdfghklmnprstvz" for v in "aeiou")
 
 @cache
 def _first_names_in_order() -> tuple[str, ...]:
-    return tuple(sorted(first_names()))
+    # Not the names added later: a fake is picked by its place in this list, which must not move.
+    return tuple(sorted(_name_lists()[0]))
 
 
 def _fake_person(value: str, k: _Keyed) -> str:

@@ -42,8 +42,8 @@ from domaintune.data.card import build_card, write_card
 from domaintune.data.dedup import contained_leaks, containment_reason, deduplicate
 from domaintune.data.readers import iter_rows
 from domaintune.data.split import group_split, holdout_split, time_split
-from domaintune.data.steps import STEPS, Dropped, Example, RowSteps, as_fields, check_split, key_text, make_redactor, \
-    overlap_hint, raise_bad_rows
+from domaintune.data.steps import STEPS, Dropped, Example, RowSteps, as_fields, check_split, duplicate_dropped, \
+    key_text, make_redactor, overlap_hint, raise_bad_rows, split_field, time_cutoff, time_value
 from domaintune.errors import DataError, RecipeError
 from domaintune.recipe import Recipe
 
@@ -101,17 +101,15 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require
     with console.status("data: looking for duplicates and near-duplicates"):
         result = deduplicate([key_text(e) for e in train], [key_text(e) for e in evaluation],
                              exact=d.dedup.exact, near=d.dedup.near, threshold=d.dedup.threshold)
-    conflicts = 0
     for index, (first, kind) in sorted(result.train_duplicate_of.items()):
-        dropped.append(Dropped("train", "dedup", train[index].where,
-                               f"{kind} duplicate of {train[first].where}", as_fields(train[index])))
-        conflicts += getattr(train[index], "label", None) != getattr(train[first], "label", None)
+        dropped.append(duplicate_dropped("train", train[index].where, kind, train[first].where,
+                                         _labels(train[first], train[index]), as_fields(train[index])))
     for index, (first, kind) in sorted(result.eval_leaks.items()):
         dropped.append(Dropped("eval", "leakage", evaluation[index].where,
                                f"{kind} duplicate of training row {train[first].where}", as_fields(evaluation[index])))
     for index, (first, kind) in sorted(result.eval_duplicate_of.items()):
-        dropped.append(Dropped("eval", "dedup", evaluation[index].where,
-                               f"{kind} duplicate of {evaluation[first].where}", as_fields(evaluation[index])))
+        dropped.append(duplicate_dropped("eval", evaluation[index].where, kind, evaluation[first].where,
+                                         _labels(evaluation[first], evaluation[index]), as_fields(evaluation[index])))
     train = [e for e, keep in zip(train, result.train_keep) if keep]
     evaluation = [e for e, keep in zip(evaluation, result.eval_keep) if keep]
 
@@ -156,9 +154,13 @@ def prepare(spec: Recipe, root: Path, console: Console | None = None, *, require
     card = build_card(
         spec=spec, sources={role: (path, rows_in[role]) for role, path in sources.items()}, train=train,
         evaluation=evaluation, dropped=dropped, pii_counts=dict(pii_counts), rows_with_pii=rows_with_pii,
-        cleaned_rows=cleaned_rows, label_conflicts=conflicts, split=split_note,
+        cleaned_rows=cleaned_rows, split=split_note, cutoff=_cutoff(spec, train, evaluation),
     )
     return PreparedData(train, evaluation, labels, dropped, card, list(sources.values()))
+
+
+def _labels(kept: Example, dropped: Example) -> tuple[str | None, str | None]:
+    return getattr(kept, "label", None), getattr(dropped, "label", None)
 
 
 def write_prepared(prepared: PreparedData, directory: Path, quarantine: bool) -> list[Path]:
@@ -192,9 +194,22 @@ def _split(pool: list[Example], spec: Recipe) -> tuple[list[Example], list[Examp
     if s.by == "group":
         return group_split(pool, s.eval_fraction, seed, group=lambda e: str(e.meta[s.group_field]))
     if s.by == "time":
-        return time_split(pool, s.eval_fraction, time=lambda e: e.meta[s.time_field])
+        return time_split(pool, s.eval_fraction, time=lambda e: _time(e, s.time_field))
     key = (lambda e: e.label) if spec.task == "classification" else None
     return holdout_split(pool, s.eval_fraction, seed, key=key)
+
+
+def _time(example: Example, name: str) -> float:
+    return time_value(example.meta[name], example.where, name)
+
+
+def _cutoff(spec: Recipe, train: list[Example], evaluation: list[Example]) -> dict[str, Any]:
+    """The card's cut-off of a time split (nothing for another split)."""
+    name = split_field(spec)
+    if spec.data.split.by != "time" or name is None:
+        return {}
+    latest = max(train, key=lambda e: _time(e, name), default=None)
+    return time_cutoff(name, latest, min(evaluation, key=lambda e: _time(e, name), default=None))
 
 
 def large_inputs(spec: Recipe, root: Path) -> bool:

@@ -224,6 +224,8 @@ def _read_delimited(path: Path) -> Iterator[Row]:
             raise DataError(f"the header row has empty or repeated column names: {header}", where=f"{path}:1")
         if any(_SURROGATE.search(h) for h in header):
             raise _not_utf8(_bad_bytes(" ".join(header)), f"{path}:1")
+        if len(header) == 1 and (other := _other_delimiter(header[0], delimiter)):
+            raise _wrong_delimiter(path, header[0], other)
         lines.columns = len(header)
         start = reader.line_num + 1
         while True:
@@ -248,6 +250,31 @@ def _read_delimited(path: Path) -> Iterator[Row]:
                     where=where, hint=hint)
             fields = dict(zip(header, values)) if problem is None else {"_raw": _printable(delimiter.join(values))}
             yield Row(fields, where, problem)
+
+
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+
+
+def _other_delimiter(header: str, delimiter: str) -> str | None:
+    """The delimiter a one-column header seems to be split by, other than the file's own."""
+    counts = {c: header.count(c) for c in _DELIMITER_NAMES if c != delimiter}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def _wrong_delimiter(path: Path, header: str, other: str) -> DataError:
+    """A header read as one column that holds another delimiter: the file is delimited by it, so
+    each row is one field (or, when a text holds the file's own delimiter, a wrong number of them)."""
+    read_as = "tab" if path.suffix.lower() == ".tsv" else "comma"
+    if other in ",\t":  # the other supported delimiter: the file's name is what is wrong
+        suffix = ".tsv" if other == "\t" else ".csv"
+        fix = f"rename it to {path.stem}{suffix}"
+    else:
+        fix = (f"there is no delimiter option: convert it to comma-separated .csv or tab-separated .tsv, e.g. "
+               f"pandas.read_csv({path.name!r}, sep={other!r}).to_csv({path.stem + '-comma.csv'!r}, index=False)")
+    return DataError(f"the header is one column, {header!r}: the file looks {_DELIMITER_NAMES[other]}-delimited "
+                     f"({other!r}), but {path.suffix} files are read as {read_as}-delimited", where=f"{path}:1",
+                     hint=fix)
 
 
 def _printable(text: str) -> str:

@@ -41,6 +41,20 @@ class Dropped:
     where: str
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)  # the row as read (quarantine writes it)
+    conflict: dict[str, str] | None = None  # a duplicate with another label: the kept row and both labels
+
+
+def duplicate_dropped(source: str, where: str, kind: str, first: str, labels: tuple[Any, Any],
+                      fields: dict[str, Any]) -> Dropped:
+    """The row at ``where`` dropped as a ``kind`` duplicate of the row at ``first``; ``labels``:
+    the kept row's and this row's. When they differ the reason says so: which label was kept
+    follows from the file's order alone, so the user has to check it."""
+    kept, own = labels
+    if kept == own:
+        return Dropped(source, "dedup", where, f"{kind} duplicate of {first}", fields)
+    return Dropped(source, "dedup", where,
+                   f"{kind} duplicate of {first}, whose label {kept!r} was kept over this row's {own!r}", fields,
+                   conflict={"where": where, "label": own, "kept_where": first, "kept_label": kept})
 
 
 @dataclass
@@ -116,8 +130,8 @@ class RowSteps:
             value = example.meta.get(name)
             if value is None or str(value).strip() == "":
                 raise DataError(f"field {name!r} (split.{d.split.by}_field) is empty", where=row.where)
-            if d.split.by == "time":
-                example.meta[name] = time_value(value, row.where, name)
+            if d.split.by == "time":  # checked here, so a bad value drops its row; the split parses it again
+                time_value(value, row.where, name)
         return example
 
     def run(self, row: Row) -> RowOutcome:
@@ -145,7 +159,9 @@ class RowSteps:
         keeps each group on one side."""
         out = {}
         for name, value in meta.items():
-            if name in PROVENANCE:
+            # A time split's column holds checked dates, times and numbers, which the split parses
+            # after this step: a bare number of seconds must not become a redacted "phone number".
+            if name in PROVENANCE or (name == self._split_field and self.spec.data.split.by == "time"):
                 out[name] = value
                 continue
             redacted = scrub(value, self.redactor, found)
@@ -198,7 +214,8 @@ def json_value(value: Any) -> Any:
 
 
 def time_value(value: Any, where: str, name: str) -> float:
-    """A sortable number for a time column: numbers as they are, ISO dates and times as seconds."""
+    """A sortable number for a time column: numbers as they are, ISO dates and times as seconds.
+    Only the split uses it: the rows keep the value as written."""
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, datetime):
@@ -214,6 +231,14 @@ def time_value(value: Any, where: str, name: str) -> float:
         raise DataError(f"field {name!r} is {text!r}, not a date, time or number", where=where,
                         hint="write dates as ISO 8601 (2024-05-31 or 2024-05-31T14:00:00)") from None
     return moment.replace(tzinfo=moment.tzinfo or timezone.utc).timestamp()
+
+
+def time_cutoff(name: str, latest_train: Example | None, earliest_eval: Example | None) -> dict[str, Any]:
+    """What the card says of a time split: the latest training time and the earliest eval time,
+    as written in the data (nothing when a side is empty)."""
+    if latest_train is None or earliest_eval is None:
+        return {}
+    return {"time_field": name, "train_until": latest_train.meta[name], "eval_from": earliest_eval.meta[name]}
 
 
 def texts(example: Example) -> list[str]:

@@ -48,8 +48,8 @@ from domaintune.data.card import DroppedTally, SideSummary, card_from_tallies, w
 from domaintune.data.dedup import containment_kind, containment_of, containment_reason, find_contained
 from domaintune.data.dedup_index import Decisions, FingerprintStore, Fingerprints, find_duplicates, fingerprint
 from domaintune.data.readers import Row, iter_rows
-from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, from_fields, key_text, make_redactor, \
-    overlap_hint, raise_bad_rows, split_field, texts
+from domaintune.data.steps import Dropped, Example, RowSteps, as_fields, duplicate_dropped, from_fields, key_text, \
+    make_redactor, overlap_hint, raise_bad_rows, split_field, texts, time_cutoff, time_value
 from domaintune.errors import DataError
 from domaintune.progress import Progress
 from domaintune.recipe import Recipe
@@ -133,7 +133,8 @@ def _work(task: tuple[str, list[Row]]) -> _Chunk:
         chunk.labels.append(getattr(example, "label", None))
         if name:
             value = example.meta[name]
-            chunk.split_values.append(value if spec.data.split.by == "time" else _group_hash(value))
+            chunk.split_values.append(time_value(value, example.where, name) if spec.data.split.by == "time"
+                                      else _group_hash(value))
         held = texts(example)
         chunk.chars.append(sum(len(t) for t in held))
         chunk.words.append(sum(len(t.split()) for t in held))
@@ -371,11 +372,7 @@ def _write(spool: _Spool, decisions: Any, kept: np.ndarray, is_eval: np.ndarray,
                         hint="add rows, give an eval file (data.eval), or look at `domaintune data inspect` "
                              "for what was dropped" + overlap_hint(bool(leaked.any()) and not eval_rows.any()))
 
-    conflicts = 0
-    if decisions is not None:
-        dup_train = np.flatnonzero(~kept[:n_train])
-        conflicts = int(np.count_nonzero(labels[dup_train] != labels[decisions.duplicate_of[dup_train]])) \
-            if spec.task == "classification" else 0
+    cutoff = _cutoff(spool, train_rows, eval_rows)  # read from the spool, which the writing closes
     data_dir = directory / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     files = [data_dir / "train.jsonl", data_dir / "eval.jsonl"]
@@ -410,8 +407,7 @@ def _write(spool: _Spool, decisions: Any, kept: np.ndarray, is_eval: np.ndarray,
     card = card_from_tallies(
         spec=spec, sources={role: (path, spool.rows_in[role]) for role, path in sources.items()},
         train=summary(train_rows), evaluation=summary(eval_rows), dropped=spool.dropped, pii_counts=dict(spool.pii),
-        rows_with_pii=spool.rows_with_pii, cleaned_rows=spool.cleaned_rows, label_conflicts=conflicts,
-        split=split_note)
+        rows_with_pii=spool.rows_with_pii, cleaned_rows=spool.cleaned_rows, split=split_note, cutoff=cutoff)
     card["processed"] = [{"file": str(p.relative_to(directory)), "sha256": sha256_file(p)} for p in files]
     write_card(card, directory)
     return card, files
@@ -428,16 +424,26 @@ def _split(spec: Recipe, rows: np.ndarray, labels: np.ndarray, values: np.ndarra
     return holdout_mask(len(rows), s.eval_fraction, seed, labels[rows] if spec.task == "classification" else None)
 
 
+def _cutoff(spool: _Spool, train_rows: np.ndarray, eval_rows: np.ndarray) -> dict[str, Any]:
+    """The card's cut-off of a time split (nothing for another split)."""
+    name = split_field(spool.spec)
+    if spool.spec.data.split.by != "time" or name is None or not train_rows.any() or not eval_rows.any():
+        return {}
+    times = np.frombuffer(spool.split_values)
+    latest = int(np.flatnonzero(train_rows)[np.argmax(times[train_rows])])
+    earliest = int(np.flatnonzero(eval_rows)[np.argmin(times[eval_rows])])
+    return time_cutoff(name, spool.example(latest), spool.example(earliest))
+
+
 def _duplicate(spool: _Spool, decisions: Any, row: int, line: bytes, n_train: int) -> Dropped:
     first = int(decisions.duplicate_of[row])
     kind = "near" if decisions.near[row] else "exact"
-    where = json.loads(line)["where"]
-    target = json.loads(spool.line(first))["where"]
-    if row < n_train:
-        return Dropped("train", "dedup", where, f"{kind} duplicate of {target}", _row_fields(line))
-    if first < n_train:
-        return Dropped("eval", "leakage", where, f"{kind} duplicate of training row {target}", _row_fields(line))
-    return Dropped("eval", "dedup", where, f"{kind} duplicate of {target}", _row_fields(line))
+    own, kept = json.loads(line), json.loads(spool.line(first))
+    if first < n_train <= row:
+        return Dropped("eval", "leakage", own["where"], f"{kind} duplicate of training row {kept['where']}",
+                       _row_fields(line))
+    return duplicate_dropped("train" if row < n_train else "eval", own["where"], kind, kept["where"],
+                             (kept.get("label"), own.get("label")), _row_fields(line))
 
 
 def _overlap(spool: _Spool, row: int, partner: int, line: bytes, role: str) -> Dropped:
