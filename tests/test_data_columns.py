@@ -120,6 +120,17 @@ def test_inspect_rejects_an_unknown_task_and_bad_overrides_as_recipe_errors(tmp_
         inspect_data(path, overrides={"data.dedup.threshold": "abc"})
 
 
+def test_inspecting_one_file_names_the_option_that_picks_a_column(tmp_path):
+    from domaintune.data.inspect import inspect_data
+    from domaintune.errors import DataError
+
+    path = write_csv(tmp_path / "t.csv", [{"body": r["text"], "label": r["label"]} for r in ticket_rows(3)])
+    with pytest.raises(DataError, match="no column 'text'") as missing:
+        inspect_data(path, task="classification")
+    assert missing.value.hint == "name the column with --text-field"  # a file has no recipe keys to set
+    assert inspect_data(path, task="classification", text_field="body")["kept"]["train"] > 0
+
+
 def test_an_update_s_provenance_columns_stay_as_written():
     """An update follows its rows by `origin` between its steps: a path is not personal data."""
     from domaintune.data.readers import Row

@@ -197,8 +197,12 @@ def test_a_gate_on_a_metric_the_task_lacks_and_a_file_as_output_dir_fail_before_
         raise AssertionError("the data steps ran")
 
     monkeypatch.setattr(pipeline, "prepare", no_work)
-    with pytest.raises(RecipeError, match="no metric 'acuracy' in classification runs"):
+    with pytest.raises(RecipeError, match="no metric 'acuracy' in classification runs") as typo:
         run(classification_recipe, gates=["tuned.acuracy >= base.accuracy"], output_dir=tmp_path / "runs")
+    assert typo.value.where == "--gate"
+    with pytest.raises(RecipeError, match="no metric 'f1' in classification runs") as typo:  # the recipe's own gate
+        run(classification_recipe, overrides={"evaluate.gates": ["tuned.f1 >= 0.5"]}, output_dir=tmp_path / "runs")
+    assert typo.value.where == "evaluate.gates" and typo.value.hint.startswith("write e.g. evaluate.gates: [")
     (tmp_path / "a-file").write_text("x")
     monkeypatch.undo()
     with pytest.raises(RecipeError, match="is a file"):

@@ -74,7 +74,7 @@ def test_interrupted_loop_resumes_to_the_same_weights(tmp_path, checkpoint_every
 
 def test_a_checkpoint_from_another_setup_is_refused(tmp_path):
     _toy_run(tmp_path, max_steps=3)
-    with pytest.raises(RecipeError, match="learning_rate"):
+    with pytest.raises(RecipeError, match=r"set-up: learning_rate was 0\.01, is 0\.005\n"):  # what, then and now
         _toy_run(tmp_path, max_steps=3, learning_rate=5e-3)
 
 

@@ -167,10 +167,12 @@ def run(recipe: str | Path, overrides: dict[str, Any] | None = None, output_dir:
 def _checked_recipe(recipe_path: Path, overrides: dict[str, Any] | None, gates: list[str] | None) -> Recipe:
     """The recipe with its overrides and extra ``gates``, checked before anything slow runs."""
     spec = load_recipe(recipe_path, overrides)
+    for expr in spec.evaluate.gates:  # a typo in a gate should fail now, not after training
+        validate_gate(expr, spec.task, where="evaluate.gates")
+    for expr in gates or []:
+        validate_gate(expr, spec.task)
     if gates:
         spec = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"gates": [*spec.evaluate.gates, *gates]})})
-    for expr in spec.evaluate.gates:
-        validate_gate(expr, spec.task)  # a typo in a gate should fail now, not after training
     check_runs_here(spec)
     check_split(spec)
     return spec

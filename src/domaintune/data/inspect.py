@@ -17,7 +17,7 @@ from domaintune.data.prepare import large_inputs, prepare
 from domaintune.data.readers import iter_rows
 from domaintune.data.steps import check_split
 from domaintune.errors import DataError, RecipeError
-from domaintune.recipe import TASKS, apply_overrides, load_recipe, validate_recipe
+from domaintune.recipe import TASKS, Recipe, apply_overrides, load_recipe, validate_recipe
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 TOKEN_SAMPLE = 100_000  # rows of each side whose tokens are counted
@@ -61,6 +61,18 @@ def inspect_data(target: str | Path, *, task: str | None = None, text_field: str
     root = target.parent
     if streaming is None:
         streaming = large_inputs(spec, root)
+    try:
+        return _inspect(spec, target, root, streaming, workers, tokenizer, console)
+    except DataError as exc:
+        if target.suffix.lower() in RECIPE_SUFFIXES or not (exc.hint or "").startswith("set data."):
+            raise
+        # one file has no recipe to set keys in: the command's options name the columns
+        option = "--" + exc.hint.split()[1].removeprefix("data.").replace("_", "-")
+        raise DataError(exc.message, where=exc.where, hint=f"name the column with {option}") from None
+
+
+def _inspect(spec: Recipe, target: Path, root: Path, streaming: bool, workers: int | None, tokenizer,
+             console: Console | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="domaintune-inspect-") as scratch:
         if streaming:  # bad rows quarantined in the scratch folder, to list the first of them
             spec = spec.model_copy(update={"data": spec.data.model_copy(update={"on_bad_rows": "quarantine"})})
@@ -103,4 +115,4 @@ def _token_lengths(tokenizer, examples: list) -> dict[str, float]:
     texts = ["\n".join(m["content"] for m in e.messages) if hasattr(e, "messages") else e.text for e in examples]
     lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
     return {"rows": len(lengths), "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
-            "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}
+            "p95": round(float(np.percentile(lengths, 95)), 1), "max": int(lengths.max())}

@@ -232,9 +232,19 @@ METRICS = {"classification": ("accuracy", "macro_f1", "ece", "per_label"),
            "pretrain": ("perplexity",)}
 
 
-def validate_gate(expr: str, task: str | None = None) -> None:
+def validate_gate(expr: str, task: str | None = None, where: str = WHERE) -> None:
     """Check a gate before a run spends time training: its syntax, and with ``task`` the metric
-    each name reads; ``check_gate`` checks the rest against the metrics."""
+    each name reads; ``check_gate`` checks the rest against the metrics. ``where`` names where the
+    gate was written (``--gate``, or a recipe key such as ``evaluate.gates``)."""
+    try:
+        _validate(expr, task)
+    except RecipeError as exc:
+        if where == WHERE:
+            raise
+        raise RecipeError(exc.message, where=where, hint=f"write e.g. {where}: ['{EXAMPLE}']") from None
+
+
+def _validate(expr: str, task: str | None) -> None:
     expr = expr.strip()
     body = _parse(expr)
     if task is None:

@@ -88,6 +88,16 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     return path
 
 
+def _change(key: str, before: Any, now: Any) -> str:
+    """One difference between the checkpoint's plan and this run's, as a person reads it."""
+    if key == "weights":  # trainable tensors and their shapes: another base model, method or rank
+        before, now = before or {}, now or {}
+        return (f"the trainable weights ({len(before)} tensors, {sum(map(math.prod, before.values())):,} values, "
+                f"then; {len(now)} tensors, {sum(map(math.prod, now.values())):,} values now: another base_model, "
+                "method or LoRA setting)")
+    return f"{key} was {before!r}, is {now!r}"
+
+
 def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     plan: dict[str, Any]) -> tuple[TrainState, dict[str, torch.Tensor] | None] | None:
     """Restore the latest checkpoint in ``directory`` into ``model``, ``optimizer`` and the random
@@ -98,7 +108,8 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     saved = torch.load(path, weights_only=True)
     if saved["plan"] != plan:
         changed = sorted(k for k in plan.keys() | saved["plan"].keys() if plan.get(k) != saved["plan"].get(k))
-        raise RecipeError(f"the checkpoint was written by a different training set-up ({', '.join(changed)} changed)",
+        shown = "; ".join(_change(k, saved["plan"].get(k), plan.get(k)) for k in changed)
+        raise RecipeError(f"the checkpoint was written by a different training set-up: {shown}",
                           where=str(path), hint="resume with the recipe and --set overrides of the original run")
     best_weights = saved["best_weights"]
     if fsdp.is_sharded(model):
