@@ -64,6 +64,8 @@ def test_another_file_goes_through_the_runs_data_steps(classification_run, tmp_p
     path = write_csv(tmp_path / "other.csv", rows)
     result = evaluate_run(classification_run, path)
     assert result["data"]["dropped"] == {"leakage": 1}
+    [leak] = result["data"]["dropped_rows"]  # the row itself, to find in the file: its line 3 (row 1)
+    assert leak["where"].endswith("other.csv:3") and leak["step"] == "leakage" and "duplicate of" in leak["reason"]
     assert result["eval_rows"] == len(rows) - 1
     assert 0 <= result["tuned"]["accuracy"] <= 1
 

@@ -89,3 +89,14 @@ def test_unknown_field_lists_the_metadata_fields():
 
 def test_no_rows():
     assert slice_metrics([], "region", classification_score)["slices"] == {}
+
+
+def test_no_slice_is_named_the_worst_when_all_score_the_same():
+    from domaintune.evaluate.report import _slice_table
+
+    rows = [{"label": "a", "base": "a", "tuned": "a", "meta": {"region": region}} for region in ("EU", "US") * 5]
+    rows += [{"label": "a", "base": "b", "tuned": "a", "meta": {"region": "EU"}} for _ in range(5)]
+    result = slice_metrics(rows, "region", classification_score)
+    assert result["worst"]["tuned"] is None and result["gap"]["tuned"] == 0.0  # both regions all right
+    assert result["worst"]["base"] == "EU" and result["gap"]["base"] > 0
+    assert "every slice scores the same (base: EU, gap" in _slice_table(result)

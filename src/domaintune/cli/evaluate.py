@@ -77,7 +77,10 @@ def eval_(
     else:
         dropped = metrics["data"].get("dropped")
         if dropped:
-            err.print(f"rows dropped by the run's data steps: {dropped}", highlight=False)
+            err.print("rows dropped by the run's data steps: "
+                      + ", ".join(f"{n} by {step}" for step, n in dropped.items()), highlight=False)
+            for row in metrics["data"].get("dropped_rows", []):
+                err.print(f"  {row['where']}: {row['reason']} ({row['step']})", highlight=False, markup=False)
         out.print(_table(f"{metrics['task']}: {metrics['eval_rows']} rows of {metrics['data']['file']}",
                          metrics["task"], {Path(metrics["run_dir"]).name: metrics}))
         print_gates(metrics["gates"])

@@ -145,9 +145,11 @@ def _training(train_log: list[dict], charts: bool) -> str:
 def _slice_table(sliced: dict) -> str:
     metric, worst, gap = sliced["metric"], sliced["worst"], sliced["gap"]
     rows = [f"<h2>By {_e(sliced['field'])} ({_e(metric)})</h2>"]
-    if gap.get("tuned") is not None:
-        rows.append(f"<p>Tuned: worst slice <b>{_e(worst['tuned'])}</b>, {gap['tuned']:.3f} below the best"
-                    f" (base: {_e(worst['base'])}, gap {gap['base']:.3f}).</p>")
+    if gap.get("tuned") is not None:  # a worst slice of None: every ranked slice scores the same
+        base = (f"base: {_e(worst['base'])}, gap {gap['base']:.3f}" if worst.get("base") is not None
+                else "base: every slice the same")
+        rows.append(f"<p>Tuned: worst slice <b>{_e(worst['tuned'])}</b>, {gap['tuned']:.3f} below the best ({base}).</p>"
+                    if worst.get("tuned") is not None else f"<p>Tuned: every slice scores the same ({base}).</p>")
     rows.append("<table><tr><th>value</th><th>rows</th><th>base</th><th>tuned</th></tr>")
     for value, s in sliced["slices"].items():
         mark = " class='worse'" if value == worst.get("tuned") else ""

@@ -125,6 +125,9 @@ def read_processed(path: Path, task: str) -> list[Example]:
     return examples
 
 
+MAX_DROPPED_LISTED = 10
+
+
 def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: Console) -> tuple[list[Example], dict]:
     """``data`` through the run's data steps, with the run's training rows as the training side so
     that rows it trained on are dropped as leaks. Returns the examples and what was dropped.
@@ -159,16 +162,19 @@ def prepare_eval_file(spec: Recipe, data: Path, train: list[Example], console: C
                                      f"data steps, and its recipe says data.on_bad_rows: {d.on_bad_rows}") from None
             raise
     dropped: dict[str, int] = {}
+    listed = []  # the first few, so that a user can find them in the file
     for item in prepared.dropped:
         if item.source == "eval":
             dropped[item.step] = dropped.get(item.step, 0) + 1
+            if len(listed) < MAX_DROPPED_LISTED:
+                listed.append({"where": item.where, "step": item.step, "reason": item.reason})
     if not prepared.eval:
         why = ", ".join(f"{n} by {step}" for step, n in dropped.items()) or "none was read"
         raise DataError(f"no row of the file is left to evaluate on after the run's data steps ({why})",
                         where=str(data),
                         hint="rows dropped by leakage duplicate this run's training rows: evaluate on rows it "
                              "never saw; `domaintune data inspect` shows why rows are dropped")
-    return prepared.eval, {"file": str(data), "dropped": dropped}
+    return prepared.eval, {"file": str(data), "dropped": dropped, "dropped_rows": listed}
 
 
 def _limit(examples: list, spec: Recipe) -> list:

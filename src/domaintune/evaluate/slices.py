@@ -95,8 +95,11 @@ def _worst_and_gap(slices: dict, rankable: list[str], model: str,
     if len(rankable) < 2:
         return None, None
     values = {value: float(slices[value][model][metric]) for value in rankable}
+    gap = max(values.values()) - min(values.values())
+    if gap == 0:  # every slice alike: none is the worst, and naming one would send someone looking
+        return None, 0.0
     worst = max(values, key=values.get) if metric in LOWER_IS_BETTER else min(values, key=values.get)
-    return worst, max(values.values()) - min(values.values())
+    return worst, gap
 
 
 def classification_score(rows: list[dict]) -> dict:
