@@ -196,7 +196,7 @@ def _evaluate(run: LoadedRun, evaluation: list[Example], train: list[Example], i
         from domaintune.evaluate.slices import classification_score, mean_scores, missing_slice_fields, slice_metrics
 
         # Another file may lack a column the run sliced by: it is evaluated without that slice.
-        missing = missing_slice_fields(spec.evaluate.slices, [{**row, **(row.get("meta") or {})} for row in rows])
+        missing = missing_slice_fields(spec.evaluate.slices, rows)
         if missing:
             console.print(f"[yellow]no evaluation row has the slice field{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(map(repr, missing))} of the run's evaluate.slices: not sliced by "

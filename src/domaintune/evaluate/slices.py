@@ -41,7 +41,7 @@ def slice_metrics(rows: list[dict], field: str, score: Callable[[list[dict]], di
     ``MIN_ROWS`` rows, and are None where fewer than two slices are that large.
     """
     if rows:
-        check_slice_fields([field], [{**row, **(row.get("meta") or {})} for row in rows])
+        check_slice_fields([field], rows)
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(_value(row, field), []).append(row)
@@ -60,22 +60,27 @@ def slice_metrics(rows: list[dict], field: str, score: Callable[[list[dict]], di
     return result
 
 
-def missing_slice_fields(fields: list[str], metas: Iterable[dict]) -> list[str]:
-    """Those of ``fields`` that no one of ``metas`` (the rows' metadata columns) has."""
+def _meta(row: dict) -> dict:
+    """A row's metadata columns: its ``meta`` for a result row, the row itself for a plain mapping."""
+    return (row["meta"] or {}) if "meta" in row else row
+
+
+def missing_slice_fields(fields: list[str], rows: Iterable[dict]) -> list[str]:
+    """Those of ``fields`` that no one of ``rows`` has (in its ``meta``, or as a key of its own)."""
     missing = set(fields)
-    for meta in metas:
-        missing -= meta.keys()
+    for row in rows:
+        missing -= row.keys() | _meta(row).keys()
         if not missing:
             break
     return [field for field in fields if field in missing]
 
 
-def check_slice_fields(fields: list[str], metas: Sequence[dict]) -> None:
-    """Raise unless every slice field is a metadata column of some evaluation row: checked when
-    the data is read, before training, since the slices are computed only after it."""
-    missing = missing_slice_fields(fields, metas)
-    if missing and metas:
-        available = sorted({key for meta in metas for key in meta})
+def check_slice_fields(fields: list[str], rows: Sequence[dict]) -> None:
+    """Raise unless every slice field is a column of some evaluation row: checked when the data is
+    read, before training, since the slices are computed only after it."""
+    missing = missing_slice_fields(fields, rows)
+    if missing and rows:
+        available = sorted({key for row in rows for key in _meta(row)})
         names = ", ".join(repr(field) for field in missing)
         raise RecipeError(f"no evaluation row has the slice field{'s' if len(missing) > 1 else ''} {names}",
                           where="evaluate.slices",
